@@ -1,0 +1,245 @@
+"""
+Plumbing the training scripts share, so each of sft.py, reward.py and dpo.py reads as its own
+method: flags from a config dataclass, device and bf16 autocast, the optimizer step with
+gradient accumulation and clipping, atomic checkpoints, and one-line progress logs.
+"""
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+
+class UserError(Exception):
+    """Bad input from the user (flags, files): printed as one line, exit code 2, no traceback."""
+
+
+def run_main(main):
+    """Call main(); turn user errors into a one-line message and a non-zero exit."""
+    from data import DataError
+    try:
+        main()
+    except (UserError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ---------------------------------------------------------------------------- config and flags
+def parse_config(config_cls, argv=None, presets=None, default_preset=None, description=None):
+    """argparse generated from a config dataclass: one --flag per field, defaults shown in --help.
+    A preset is a dict of overrides applied before the flags the user typed."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    if presets:
+        parser.add_argument("--preset", choices=sorted(presets), default=default_preset,
+                            help="a named set of overrides (default: by device)")
+    for f in dataclasses.fields(config_cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        help_text = f.metadata.get("help", " ")
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"{help_text} (default: {default})")
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
+            if default is None:
+                kind = str
+            parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=f"{help_text} (default: {default})")
+    args = parser.parse_args(argv)
+    values = dict(presets[args.preset]) if presets and args.preset else {}
+    values.update({k: v for k, v in vars(args).items() if v is not None and k != "preset"})
+    config = config_cls(**values)
+    try:
+        config.validate()
+    except ValueError as e:
+        parser.error(str(e))
+    return config
+
+
+def check(condition, message):
+    """Config validation: raise ValueError(message) unless condition holds."""
+    if not condition:
+        raise ValueError(message)
+
+
+# ---------------------------------------------------------------------------- device
+def pick_device(name="auto"):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for, but no CUDA GPU is available; use --device cpu")
+    return name
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (matmuls in bf16, reductions in float32); plain float32 on CPU."""
+    if device.startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def peak_flops(device):
+    """Dense bf16 peak of the GPU, for MFU; None where unknown (the CPU)."""
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L4", 121e12), ("4090", 165e12)):
+        if key in name:
+            return flops
+    return None
+
+
+def seed_everything(seed):
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------- optimisation
+def warmup_cosine(step, warmup, total, lr, min_lr):
+    """Linear warm-up over `warmup` steps, then cosine decay to min_lr at `total`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def adamw(model, lr, weight_decay, betas, device):
+    """AdamW with decay on matrices only (not biases, LayerNorm or position-free vectors)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.startswith("cuda"))
+
+
+def optimizer_step(model, optimizer, micro_batches, loss_fn, lr, grad_clip, device, step):
+    """One optimizer step over gradient-accumulated micro-batches.
+    loss_fn(batch) -> (loss, metrics dict of floats/tensors). Returns the averaged metrics and grad norm.
+    A non-finite loss or gradient stops the run before the weights change."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    totals = {}
+    for batch in micro_batches:
+        with autocast(device):
+            loss, metrics = loss_fn(batch)
+        (loss / len(micro_batches)).backward()
+        for k, v in {"loss": loss, **metrics}.items():
+            totals[k] = totals.get(k, 0.0) + float(v) / len(micro_batches)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf")))
+    if not (math.isfinite(totals["loss"]) and math.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        raise FloatingPointError(f"non-finite {'loss' if not math.isfinite(totals['loss']) else 'gradient'} at step {step} "
+                                 f"(loss {totals['loss']}, grad norm {grad_norm}): the learning rate is likely too high "
+                                 f"or the data holds an empty sequence; the last good checkpoint is kept")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    totals["grad_norm"] = grad_norm
+    return totals
+
+
+# ---------------------------------------------------------------------------- files
+def atomic_write(path, write):
+    """write(file) into path.tmp in the same folder, fsync, then rename over path: a kill at any
+    moment leaves the old file or the new one, never a torn one."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_checkpoint(path, checkpoint):
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
+def save_json(path, obj):
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+
+
+def load_checkpoint(path, kind=None):
+    """torch.load(weights_only=True): a checkpoint cannot run code. Clear errors for a missing,
+    truncated or foreign file, or one of another kind (e.g. a reward model where a policy is expected)."""
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]}); "
+                        f"it may be truncated or not from this project; retrain or pass another file") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint of this project (no model and model_config entries)")
+    if kind is not None and ckpt.get("kind") != kind:
+        raise UserError(f"{path} holds a {ckpt.get('kind')!r} checkpoint, but a {kind!r} one is needed here")
+    return ckpt
+
+
+def load_state(module, state, path):
+    """load_state_dict with an error that names the file when sizes or names differ."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"{path} does not fit this model (different size or architecture): {str(e)[:300]}") from None
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ---------------------------------------------------------------------------- progress
+def format_seconds(s):
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class Progress:
+    """One line per log interval (step/total, metrics, rate, ETA), plus the same numbers as JSON lines."""
+
+    def __init__(self, name, total, log_path=None, unit="tok"):
+        self.name, self.total, self.log_path, self.unit = name, total, log_path, unit
+        self.t0, self.last_t, self.last_step = time.time(), time.time(), None
+        self.count = 0  # units (tokens, pairs, reviews) since the last line
+
+    def add(self, units):
+        """Count the units (tokens, pairs) one step processed."""
+        self.count += units
+
+    def line(self, step, metrics, extra=""):
+        """Print and record one line; rate and ETA are measured since the previous line."""
+        now = time.time()
+        if self.last_step is None:
+            self.last_step = step - 1
+        rate = self.count / max(now - self.last_t, 1e-9)
+        steps_per_s = (step - self.last_step) / max(now - self.last_t, 1e-9)
+        eta = (self.total - step) / max(steps_per_s, 1e-9)
+        shown = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+        print(f"{self.name} step {step}/{self.total} | {shown} | {_si(rate)} {self.unit}/s{extra} | eta {format_seconds(eta)}", flush=True)
+        self.record({"step": step, **metrics, f"{self.unit}_per_s": rate, "time": now - self.t0})
+        self.last_t, self.last_step, self.count = now, step, 0
+        return rate
+
+    def record(self, row):
+        if self.log_path:
+            os.makedirs(os.path.dirname(self.log_path) or ".", exist_ok=True)
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def _si(x):
+    return f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.1f}k" if x >= 1e3 else f"{x:.1f}"

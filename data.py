@@ -1,0 +1,207 @@
+"""
+IMDb reviews (Maas et al. 2011) as GPT-2 tokens.
+
+The Stanford archive aclImdb_v1.tar.gz is read as a stream (no extraction of its 100k files), or
+an extracted aclImdb/ folder is walked. Splits: train (25k labelled), test (25k labelled),
+unsup (50k unlabelled). Token ids are cached on disk as a uint16 memmap, one end-of-text token
+after every review, so a second run starts in seconds.
+"""
+import hashlib
+import os
+import sys
+import tarfile
+import time
+import urllib.request
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import tiktoken
+
+IMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
+IMDB_BYTES = 84_125_825
+IMDB_SHA256 = "c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe"
+DEFAULT_ARCHIVE = os.path.join("data", "aclImdb_v1.tar.gz")
+SPLITS = ("train", "test", "unsup")
+FULL_COUNTS = {"train": 25_000, "test": 25_000, "unsup": 50_000}
+LABELS = {"neg": 0, "pos": 1, "unsup": -1}
+EOT = 50256  # <|endoftext|> in GPT-2's BPE
+
+
+class DataError(Exception):
+    """A problem with the user's data: the message says what is wrong and what to do."""
+
+
+def get_encoding():
+    return tiktoken.get_encoding("r50k_base")  # exactly GPT-2's BPE
+
+
+def clean(text):
+    return text.replace("<br />", "\n").replace("<br/>", "\n").replace("<br>", "\n").strip()
+
+
+# ---------------------------------------------------------------------------- finding the archive
+def find_archive(path=None):
+    """--data PATH, else $IMDB_ARCHIVE, else data/aclImdb_v1.tar.gz or data/aclImdb/, else download."""
+    for candidate, source in ((path, "--data"), (os.environ.get("IMDB_ARCHIVE"), "$IMDB_ARCHIVE")):
+        if candidate:
+            if not os.path.exists(candidate):
+                raise DataError(f"IMDb archive not found at {candidate} (from {source}); "
+                                f"pass the path of aclImdb_v1.tar.gz or an extracted aclImdb/ folder (download: {IMDB_URL})")
+            return candidate
+    for candidate in (DEFAULT_ARCHIVE, os.path.join("data", "aclImdb")):
+        if os.path.exists(candidate):
+            return candidate
+    download_archive(DEFAULT_ARCHIVE)
+    return DEFAULT_ARCHIVE
+
+
+def download_archive(dest, url=IMDB_URL):
+    """Download to dest.part with a progress line, check size and sha256, then rename into place."""
+    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+    part = dest + ".part"
+    sha, done, t0 = hashlib.sha256(), 0, time.time()
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response, open(part, "wb") as f:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+                sha.update(chunk)
+                done += len(chunk)
+                rate = done / max(time.time() - t0, 1e-9)
+                eta = (IMDB_BYTES - done) / max(rate, 1)
+                print(f"\rdownloading IMDb: {done / 1e6:.1f}/{IMDB_BYTES / 1e6:.1f} MB | {rate / 1e6:.1f} MB/s | eta {eta:.0f}s",
+                      end="", file=sys.stderr, flush=True)
+        print(file=sys.stderr)
+    except OSError as e:
+        if os.path.exists(part):
+            os.remove(part)
+        raise DataError(f"could not download the IMDb archive from {url} ({e}). If this machine is offline, "
+                        f"copy aclImdb_v1.tar.gz here and pass --data PATH or set IMDB_ARCHIVE=PATH") from None
+    if done != IMDB_BYTES or sha.hexdigest() != IMDB_SHA256:
+        os.remove(part)
+        raise DataError(f"the download from {url} is damaged ({done} bytes, sha256 {sha.hexdigest()}; expected "
+                        f"{IMDB_BYTES} bytes, sha256 {IMDB_SHA256}); run again, or fetch it by hand and pass --data PATH")
+    os.replace(part, dest)
+
+
+# ---------------------------------------------------------------------------- reading reviews
+def _review_key(name):
+    """aclImdb/<split>/<pos|neg|unsup>/<id>_<rating>.txt -> (split, label) or None for other files."""
+    parts = name.replace("\\", "/").split("/")
+    if len(parts) < 4 or not parts[-1].endswith(".txt") or parts[-3] not in ("train", "test") or parts[-2] not in LABELS:
+        return None
+    split = "unsup" if parts[-2] == "unsup" else parts[-3]
+    return split, LABELS[parts[-2]], int(parts[-1].split("_")[0])
+
+
+def _iter_files(path):
+    """Yield (name, bytes) of every review file in a .tar.gz (streamed) or an extracted folder."""
+    if os.path.isdir(path):
+        for root, _, files in os.walk(path):
+            for f in files:
+                full = os.path.join(root, f)
+                if _review_key(full):
+                    with open(full, "rb") as fh:
+                        yield full, fh.read()
+        return
+    try:
+        with tarfile.open(path, "r|*") as tar:
+            for member in tar:
+                if member.isfile() and _review_key(member.name):
+                    yield member.name, tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        raise DataError(f"the IMDb archive {path} is corrupt or truncated ({type(e).__name__}: {e}); "
+                        f"delete it and download it again from {IMDB_URL}") from None
+
+
+def read_reviews(path, verify=True):
+    """{split: (texts, labels)} with labels 1 = positive, 0 = negative, -1 = unlabelled.
+    Sorted by (label, review id) so the order does not depend on how the archive was packed.
+    verify: the archive must hold the full 25k / 25k / 50k reviews, 12.5k per label."""
+    rows = {s: [] for s in SPLITS}
+    for name, raw in _iter_files(path):
+        split, label, review_id = _review_key(name)
+        rows[split].append((label, review_id, clean(raw.decode("utf-8", errors="replace"))))
+    if verify:
+        for split, n in FULL_COUNTS.items():
+            got = len(rows[split])
+            labelled = [sum(r[0] == lab for r in rows[split]) for lab in (0, 1)]
+            if got != n or (split != "unsup" and labelled != [n // 2, n // 2]):
+                raise DataError(f"{path} holds {got} {split} reviews (neg/pos {labelled}), expected {n:,} "
+                                f"split evenly: the archive is partial or not IMDb; download it again from {IMDB_URL}")
+    elif not any(rows.values()):
+        raise DataError(f"{path} holds no IMDb reviews (expected aclImdb/<split>/<pos|neg|unsup>/*.txt)")
+    out = {}
+    for split, r in rows.items():
+        r.sort(key=lambda row: (row[0], row[1]))
+        out[split] = ([row[2] for row in r], np.array([row[0] for row in r], dtype=np.int64))
+    return out
+
+
+# ---------------------------------------------------------------------------- tokens
+@dataclass
+class TokenizedSplit:
+    tokens: np.ndarray  # (N,) uint16: every review followed by EOT
+    offsets: np.ndarray  # (n_reviews + 1,) int64: review i is tokens[offsets[i]:offsets[i+1] - 1]
+    labels: np.ndarray  # (n_reviews,) int64
+
+    def __len__(self):
+        return len(self.labels)
+
+    def review(self, i):
+        return self.tokens[self.offsets[i]:self.offsets[i + 1] - 1].astype(np.int64)
+
+
+def _fingerprint(path):
+    """Identifies the archive's contents for the token cache (name, size and mtime of each file)."""
+    h = hashlib.sha256()
+    paths = [path] if os.path.isfile(path) else sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs)
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def load_imdb(path=None, cache_dir=os.path.join("data", "cache"), verify=True):
+    """{split: TokenizedSplit}, tokenized once and cached under cache_dir."""
+    path = find_archive(path)
+    folder = os.path.join(cache_dir, f"imdb-{_fingerprint(path)}-{'full' if verify else 'any'}")
+    if not all(os.path.exists(os.path.join(folder, f"{s}.done")) for s in SPLITS):
+        t0 = time.time()
+        print(f"reading and tokenizing IMDb from {path} (once; cached in {folder})", file=sys.stderr)
+        reviews = read_reviews(path, verify=verify)
+        enc = get_encoding()
+        os.makedirs(folder, exist_ok=True)
+        for split, (texts, labels) in reviews.items():
+            ids = enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
+            lengths = np.array([len(x) + 1 for x in ids], dtype=np.int64)
+            offsets = np.concatenate([[0], np.cumsum(lengths)])
+            tokens = np.full(int(offsets[-1]), EOT, dtype=np.uint16)
+            for i, x in enumerate(ids):
+                tokens[offsets[i]:offsets[i + 1] - 1] = x
+            base = os.path.join(folder, split)
+            tokens.tofile(base + ".bin")
+            np.save(base + ".offsets.npy", offsets)
+            np.save(base + ".labels.npy", labels)
+            open(base + ".done", "w").close()  # written last: a killed run leaves no half cache behind
+        print(f"tokenized IMDb in {time.time() - t0:.0f}s", file=sys.stderr)
+    out = {}
+    for split in SPLITS:
+        base = os.path.join(folder, split)
+        tokens = np.memmap(base + ".bin", dtype=np.uint16, mode="r") if os.path.getsize(base + ".bin") else np.zeros(0, np.uint16)
+        out[split] = TokenizedSplit(tokens, np.load(base + ".offsets.npy"), np.load(base + ".labels.npy"))
+    return out
+
+
+def make_prefixes(split, n, seed, min_len=2, max_len=8):
+    """The paper's prompts: the first k tokens (k uniform in [min_len, max_len]) of n distinct
+    reviews drawn with a fixed seed. Returns a list of token-id lists."""
+    if not 1 <= min_len <= max_len:
+        raise ValueError(f"prefix lengths must satisfy 1 <= min_len <= max_len, got {min_len}, {max_len}")
+    rng = np.random.default_rng(seed)
+    eligible = np.flatnonzero(np.diff(split.offsets) - 1 >= max_len)  # reviews long enough for any k
+    if n > len(eligible):
+        raise ValueError(f"asked for {n} prefixes but only {len(eligible)} reviews have {max_len}+ tokens")
+    picks = rng.choice(eligible, size=n, replace=False)
+    lengths = rng.integers(min_len, max_len + 1, size=n)
+    return [split.review(i)[:k].tolist() for i, k in zip(picks, lengths)]

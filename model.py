@@ -1,0 +1,255 @@
+"""
+A GPT-2 decoder in one file: token + learned position embeddings, pre-LayerNorm blocks,
+causal self-attention (scaled_dot_product_attention), a GELU MLP and an output head tied to
+the token embedding. Parameter names match GPT-2's checkpoints one to one, so
+`GPT.from_pretrained("gpt2")` loads the published weights without any other library.
+
+`forward(idx)` returns logits for every position, (B, T, vocab): DPO needs all of them.
+Left-padded batches are supported through `attention_mask` (1 = real token, 0 = padding), and a
+`KVCache` makes generation cost one position per step.
+"""
+import json
+import math
+import os
+import struct
+import urllib.request
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # longest sequence the position embedding covers
+    vocab_size: int = 50257  # GPT-2 BPE (tiktoken r50k_base)
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0  # DPO and sampling run with dropout off
+
+
+class KVCache:
+    """Keys and values of every layer for positions [0, length), preallocated to max_len."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        head_dim = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, max_len, head_dim)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.length = 0  # positions filled so far
+
+    def update(self, layer, k, v):
+        """Store this step's k, v (B, H, T, D) for `layer`; return all keys and values so far."""
+        start, end = self.length, self.length + k.size(2)
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, layer, visible=None, cache=None):
+        q, k, v = self.c_attn(x).split(x.size(-1), dim=2)
+        q, k, v = (rearrange(t, "b t (h d) -> b h t d", h=self.n_head) for t in (q, k, v))
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, H, S, D) with S = positions so far
+        dropout = self.dropout if self.training else 0.0
+        if visible is None:  # plain causal attention over a full, unpadded sequence (flash path)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=dropout)
+        y = rearrange(y, "b h t d -> b t (h d)")
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, layer, visible=None, cache=None):
+        x = x + self.attn(self.ln_1(x), layer, visible, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+def visibility_mask(attention_mask, start, T, device):
+    """(B, 1, T, start+T) bool: query i may attend key j iff j <= i and key j is a real token.
+    A query always sees itself, so a padding query has a defined (unused) output instead of NaN."""
+    query = torch.arange(start, start + T, device=device)[:, None]
+    key = torch.arange(start + T, device=device)[None, :]
+    visible = (key <= query) & attention_mask[:, None, None, :].bool()
+    return visible | (key == query)
+
+
+def position_ids_from_mask(attention_mask):
+    """Left padding shifts each row, so a row's first real token gets position 0. (B, S)"""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding=True):
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def flops_per_token(self, seq_len):
+        """Forward + backward FLOPs per trained token (PaLM appendix B): 6N + 12 L C T."""
+        c = self.config
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * seq_len
+
+    def hidden_states(self, idx, attention_mask=None, cache=None):
+        """Final-LayerNorm features (B, T, C). attention_mask (B, S) covers every position so far:
+        S = cache.length + T with a cache, else T."""
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the model's context of {self.config.block_size}")
+        if attention_mask is not None:
+            pos = position_ids_from_mask(attention_mask)[:, start:start + T]  # (B, T)
+            visible = visibility_mask(attention_mask, start, T, idx.device)
+        else:
+            pos = torch.arange(start, start + T, device=idx.device)
+            visible = None if start == 0 else visibility_mask(torch.ones(B, start + T, device=idx.device), start, T, idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, layer, visible, cache)
+        if cache is not None:
+            cache.length += T
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, attention_mask=None, cache=None):
+        """Logits for every position: logits[:, t] predicts idx[:, t + 1]. (B, T, vocab)"""
+        return self.lm_head(self.hidden_states(idx, attention_mask, cache))
+
+    # ------------------------------------------------------------------ GPT-2 weights
+    @classmethod
+    def from_pretrained(cls, name_or_path, dropout=0.0):
+        """Published GPT-2 weights: "gpt2" | "gpt2-medium" | "gpt2-large" | "gpt2-xl" (downloaded
+        from the Hugging Face hub when online) or a local model.safetensors path."""
+        sizes = {
+            "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+            "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+            "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+            "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+        }
+        path = name_or_path if os.path.exists(name_or_path) else download_gpt2(name_or_path, sizes)
+        tensors = read_safetensors(path)
+        tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()
+                   if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # causal-mask buffers
+        if "wte.weight" not in tensors:
+            raise ValueError(f"{path} does not hold GPT-2 weights (no 'wte.weight' tensor)")
+        vocab_size, n_embd = tensors["wte.weight"].shape
+        n_layer = 1 + max(int(k.split(".")[1]) for k in tensors if k.startswith("h."))
+        n_head = next((s["n_head"] for s in sizes.values() if s["n_layer"] == n_layer and s["n_embd"] == n_embd),
+                      max(1, n_embd // 64))  # GPT-2 sizes all use 64-wide heads
+        config = GPTConfig(block_size=tensors["wpe.weight"].shape[0], vocab_size=vocab_size,
+                           n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=dropout)
+        model = cls(config)
+        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        ours = {k.removeprefix("transformer."): v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        if set(ours) != set(tensors):
+            missing, extra = sorted(set(ours) - set(tensors)), sorted(set(tensors) - set(ours))
+            raise ValueError(f"{path}: tensor names differ from GPT-2's; missing {missing[:5]}, unexpected {extra[:5]}")
+        with torch.no_grad():
+            for name, param in ours.items():
+                src = tensors[name]
+                if name.endswith(conv1d):  # GPT-2 stores these as Conv1D (in, out); nn.Linear wants (out, in)
+                    src = src.t()
+                if src.shape != param.shape:
+                    raise ValueError(f"{path}: {name} has shape {tuple(src.shape)}, expected {tuple(param.shape)}")
+                param.copy_(src)
+        return model
+
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def read_safetensors(path):
+    """The safetensors format: 8-byte little-endian header length, a JSON header
+    {name: {dtype, shape, data_offsets}}, then the raw little-endian tensor bytes."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 8:
+        raise ValueError(f"{path} is not a safetensors file (only {len(raw)} bytes)")
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    try:
+        header = json.loads(raw[8:8 + header_len])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a safetensors file (bad header: {e})") from None
+    data = memoryview(raw)[8 + header_len:]
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        if info["dtype"] not in SAFETENSORS_DTYPES or end > len(data):
+            raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']} or lies past the end of the file")
+        flat = torch.frombuffer(bytearray(data[begin:end]), dtype=SAFETENSORS_DTYPES[info["dtype"]])
+        tensors[name] = flat.reshape(info["shape"]).float()
+    return tensors
+
+
+def download_gpt2(name, sizes):
+    if name not in sizes:
+        raise ValueError(f"unknown model {name!r}: use one of {sorted(sizes)} or a path to a model.safetensors file")
+    cache = os.path.join(os.environ.get("GPT2_CACHE_DIR", "data/gpt2"), name, "model.safetensors")
+    if not os.path.exists(cache):
+        url = f"https://huggingface.co/{name}/resolve/main/model.safetensors"
+        print(f"downloading {url} -> {cache}")
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        try:
+            urllib.request.urlretrieve(url, cache + ".part")
+        except OSError as e:
+            raise SystemExit(f"could not download {name} weights ({e}); download {url} by hand and pass its path") from None
+        os.replace(cache + ".part", cache)
+    return cache

@@ -1,0 +1,191 @@
+"""
+Supervised fine-tuning: next-token prediction on IMDb review text (train + unsup splits; the test
+split is held out for validation and, later, evaluation prompts). From scratch or from GPT-2.
+
+    python sft.py                      # preset by device: cpu (minutes on 2 cores) or gpu
+    python sft.py --init gpt2 --preset gpu
+"""
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import common
+from common import UserError, check
+from data import load_imdb
+from model import GPT, GPTConfig
+
+MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size")
+
+
+@dataclass
+class SFTConfig:
+    out: str = field(default="out", metadata={"help": "run folder for the checkpoint and log"})
+    name: str = field(default="sft", metadata={"help": "checkpoint is OUT/NAME.pt, log OUT/NAME_log.jsonl"})
+    data: str = field(default=None, metadata={"help": "IMDb archive or aclImdb/ folder (else $IMDB_ARCHIVE, data/, download)"})
+    data_verify: bool = field(default=True, metadata={"help": "require the full 25k/25k/50k archive"})
+    init: str = field(default="scratch", metadata={"help": "scratch | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a .safetensors or .pt path"})
+    n_layer: int = field(default=4, metadata={"help": "transformer blocks (scratch only)"})
+    n_head: int = field(default=4, metadata={"help": "attention heads (scratch only)"})
+    n_embd: int = field(default=128, metadata={"help": "model width (scratch only)"})
+    block_size: int = field(default=128, metadata={"help": "training sequence length"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout during SFT"})
+    batch_size: int = field(default=16, metadata={"help": "sequences per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    max_steps: int = field(default=600, metadata={"help": "optimizer steps"})
+    lr: float = field(default=2e-3, metadata={"help": "peak AdamW learning rate"})
+    min_lr: float = field(default=2e-4, metadata={"help": "learning rate at the end of the cosine"})
+    warmup_steps: int = field(default=50, metadata={"help": "linear warm-up steps"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay on matrices"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm (0 = off)"})
+    log_interval: int = field(default=20, metadata={"help": "steps between progress lines"})
+    eval_interval: int = field(default=200, metadata={"help": "steps between validation losses"})
+    eval_batches: int = field(default=8, metadata={"help": "micro-batches per validation loss"})
+    save_interval: int = field(default=200, metadata={"help": "steps between checkpoints"})
+    seed: int = field(default=1337, metadata={"help": "random seed (data order and init)"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    compile: bool = field(default=True, metadata={"help": "torch.compile the model on CUDA"})
+
+    def validate(self):
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "max_steps",
+                     "log_interval", "eval_interval", "eval_batches", "save_interval"):
+            check(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        check(self.n_embd % self.n_head == 0, f"--n-embd {self.n_embd} must be divisible by --n-head {self.n_head}")
+        check(self.lr > 0 and 0 <= self.min_lr <= self.lr, f"need 0 <= --min-lr <= --lr and --lr > 0, got {self.min_lr}, {self.lr}")
+        check(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
+        check(self.warmup_steps >= 0 and self.grad_clip >= 0, "--warmup-steps and --grad-clip must be >= 0")
+
+
+PRESETS = {
+    "smoke": dict(n_layer=2, n_head=2, n_embd=64, block_size=64, batch_size=8, max_steps=30, warmup_steps=5,
+                  log_interval=10, eval_interval=30, eval_batches=2, save_interval=30),
+    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16, max_steps=600, lr=2e-3),
+    "gpu": dict(n_layer=12, n_head=12, n_embd=768, block_size=256, batch_size=64, grad_accum=2, max_steps=1500,
+                lr=6e-4, min_lr=6e-5, warmup_steps=100, log_interval=50, eval_interval=500, eval_batches=20,
+                save_interval=500),
+}
+
+
+def build_model(cfg, device):
+    """A fresh GPT, published GPT-2 weights, or the model of one of our checkpoints."""
+    if cfg.init == "scratch":
+        return GPT(GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                             n_embd=cfg.n_embd, dropout=cfg.dropout)).to(device)
+    if cfg.init.endswith(".pt"):
+        ckpt = common.load_checkpoint(cfg.init)
+        model = GPT(GPTConfig(**{**ckpt["model_config"], "dropout": cfg.dropout}))
+        common.load_state(model, ckpt["model"], cfg.init)
+        return model.to(device)
+    try:
+        return GPT.from_pretrained(cfg.init, dropout=cfg.dropout).to(device)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def random_windows(tokens, n, length, seed):
+    """n windows of `length` + 1 tokens at random offsets of a token stream. (n, length + 1)"""
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, len(tokens) - length - 1, size=n)
+    return torch.from_numpy(np.stack([tokens[s:s + length + 1].astype(np.int64) for s in starts]))
+
+
+def lm_loss(model, windows):
+    """Mean next-token cross-entropy over a batch of windows (B, T + 1)."""
+    logits = model(windows[:, :-1])  # (B, T, V)
+    return F.cross_entropy(logits.float().flatten(0, 1), windows[:, 1:].flatten())
+
+
+@torch.no_grad()
+def validation_loss(model, tokens, cfg, device):
+    model.eval()
+    losses = []
+    for i in range(cfg.eval_batches):
+        batch = random_windows(tokens, cfg.batch_size, cfg.block_size, seed=[cfg.seed, 10**9, i]).to(device)
+        with common.autocast(device):
+            losses.append(float(lm_loss(model, batch)))
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def train_lm(cfg, train_tokens, val_tokens):
+    """Next-token training on a uint16 token stream; resumes from OUT/NAME.pt if it exists.
+    Returns the checkpoint path."""
+    device = common.pick_device(cfg.device)
+    ckpt_path = os.path.join(cfg.out, f"{cfg.name}.pt")
+    for stream, what in ((train_tokens, "training"), (val_tokens, "validation")):
+        if len(stream) <= cfg.block_size + 1:
+            raise UserError(f"the {what} text holds {len(stream)} tokens, fewer than one window of {cfg.block_size + 1}")
+    common.seed_everything(cfg.seed)
+    model = build_model(cfg, device)
+    if cfg.block_size > model.config.block_size:
+        raise UserError(f"--block-size {cfg.block_size} exceeds the model's context of {model.config.block_size}")
+    optimizer = common.adamw(model, cfg.lr, cfg.weight_decay, (0.9, 0.95), device)
+    step = 0
+    if os.path.exists(ckpt_path):  # resume: same trajectory as an uninterrupted run
+        ckpt = common.load_checkpoint(ckpt_path, kind="sft")
+        saved = ckpt["config"]
+        differs = [k for k in MODEL_FIELDS + ("init", "seed", "batch_size", "grad_accum", "max_steps", "lr")
+                   if saved.get(k) != getattr(cfg, k)]
+        if differs:
+            raise UserError(f"{ckpt_path} belongs to a run with a different config ({', '.join(f'{k}: {saved.get(k)} vs {getattr(cfg, k)}' for k in differs)}); "
+                            f"use another --out, or move that file away to start over")
+        common.load_state(model, ckpt["model"], ckpt_path)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        common.set_rng_state(ckpt["rng"])
+        step = ckpt["step"]
+        print(f"resuming {ckpt_path} at step {step}/{cfg.max_steps}")
+    if step >= cfg.max_steps:
+        return ckpt_path
+    print(f"{cfg.name}: {model.num_params() / 1e6:.1f}M parameters, {len(train_tokens) / 1e6:.1f}M training tokens, "
+          f"device {device}")
+    model.train()
+    forward = torch.compile(model) if cfg.compile and device.startswith("cuda") else model
+    peak = common.peak_flops(device)
+    flops_per_token = model.flops_per_token(cfg.block_size)
+    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
+    progress = common.Progress(cfg.name, cfg.max_steps, os.path.join(cfg.out, f"{cfg.name}_log.jsonl"))
+
+    def save():
+        common.save_checkpoint(ckpt_path, {
+            "kind": "sft", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "model_config": dataclasses.asdict(model.config), "config": dataclasses.asdict(cfg),
+            "step": step, "rng": common.rng_state()})
+
+    while step < cfg.max_steps:
+        micro = [random_windows(train_tokens, cfg.batch_size, cfg.block_size, seed=[cfg.seed, step, m]).to(device)
+                 for m in range(cfg.grad_accum)]
+        lr = common.warmup_cosine(step, cfg.warmup_steps, cfg.max_steps, cfg.lr, cfg.min_lr)
+        metrics = common.optimizer_step(model, optimizer, micro, lambda b: (lm_loss(forward, b), {}), lr,
+                                        cfg.grad_clip, device, step)
+        step += 1
+        progress.add(tokens_per_step)
+        if step % cfg.log_interval == 0 or step == cfg.max_steps:
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            shown = {"loss": metrics["loss"], "lr": lr, "grad_norm": metrics["grad_norm"]}
+            if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+                shown["val_loss"] = validation_loss(forward, val_tokens, cfg, device)
+            rate = progress.line(step, shown)
+            if peak:
+                print(f"  mfu {rate * flops_per_token / peak:.1%}")
+        if step % cfg.save_interval == 0 or step == cfg.max_steps:
+            save()
+    return ckpt_path
+
+
+def main():
+    presets_default = "gpu" if torch.cuda.is_available() else "cpu"
+    cfg = common.parse_config(SFTConfig, presets=PRESETS, default_preset=presets_default,
+                              description="Supervised fine-tuning on IMDb reviews.")
+    imdb = load_imdb(cfg.data, verify=cfg.data_verify)
+    train_tokens = np.concatenate([imdb["train"].tokens, imdb["unsup"].tokens])
+    path = train_lm(cfg, train_tokens, imdb["test"].tokens)
+    print(f"checkpoint: {path}\ntry: python sample.py --ckpt {path} --prompt \"This movie\" --n 4")
+
+
+if __name__ == "__main__":
+    common.run_main(main)

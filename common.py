@@ -125,7 +125,7 @@ def optimizer_step(model, optimizer, micro_batches, loss_fn, lr, grad_clip, devi
             loss, metrics = loss_fn(batch)
         (loss / len(micro_batches)).backward()
         for k, v in {"loss": loss, **metrics}.items():
-            totals[k] = totals.get(k, 0.0) + float(v) / len(micro_batches)
+            totals[k] = totals.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / len(micro_batches)
     params = [p for p in model.parameters() if p.requires_grad]
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf")))
     if not (math.isfinite(totals["loss"]) and math.isfinite(grad_norm)):
@@ -181,6 +181,17 @@ def load_checkpoint(path, kind=None):
     return ckpt
 
 
+def load_model(path, kinds=("sft", "dpo"), dropout=0.0):
+    """A GPT from one of our checkpoints (sft or dpo by default), on the CPU, dropout off by default."""
+    from model import GPT, GPTConfig
+    ckpt = load_checkpoint(path)
+    if ckpt.get("kind") not in kinds:
+        raise UserError(f"{path} holds a {ckpt.get('kind')!r} checkpoint; expected one of {', '.join(kinds)}")
+    model = GPT(GPTConfig(**{**ckpt["model_config"], "dropout": dropout}))
+    load_state(model, ckpt["model"], path)
+    return model
+
+
 def load_state(module, state, path):
     """load_state_dict with an error that names the file when sizes or names differ."""
     try:
@@ -211,26 +222,32 @@ def format_seconds(s):
 class Progress:
     """One line per log interval (step/total, metrics, rate, ETA), plus the same numbers as JSON lines."""
 
-    def __init__(self, name, total, log_path=None, unit="tok"):
+    def __init__(self, name, total, log_path=None, unit="tok", start_step=0):
         self.name, self.total, self.log_path, self.unit = name, total, log_path, unit
-        self.t0, self.last_t, self.last_step = time.time(), time.time(), None
+        self.last_step = start_step
+        self.t0 = self.last_t = time.time()
         self.count = 0  # units (tokens, pairs, reviews) since the last line
 
     def add(self, units):
         """Count the units (tokens, pairs) one step processed."""
         self.count += units
 
-    def line(self, step, metrics, extra=""):
-        """Print and record one line; rate and ETA are measured since the previous line."""
+    def line(self, step, metrics, show=None, peak_flops=None, flops_per_unit=None):
+        """Print one line (the metrics named in `show`, default all) and record all of them.
+        Rate and ETA are measured since the previous line; MFU where the peak is known."""
         now = time.time()
-        if self.last_step is None:
-            self.last_step = step - 1
         rate = self.count / max(now - self.last_t, 1e-9)
         steps_per_s = (step - self.last_step) / max(now - self.last_t, 1e-9)
         eta = (self.total - step) / max(steps_per_s, 1e-9)
-        shown = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
-        print(f"{self.name} step {step}/{self.total} | {shown} | {_si(rate)} {self.unit}/s{extra} | eta {format_seconds(eta)}", flush=True)
-        self.record({"step": step, **metrics, f"{self.unit}_per_s": rate, "time": now - self.t0})
+        row = {"step": step, **metrics, f"{self.unit}_per_s": rate, "time": now - self.t0}
+        shown = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                           for k, v in metrics.items() if show is None or k in show)
+        mfu = ""
+        if peak_flops and flops_per_unit:
+            row["mfu"] = rate * flops_per_unit / peak_flops
+            mfu = f" | mfu {row['mfu']:.1%}"
+        print(f"{self.name} step {step}/{self.total} | {shown} | {_si(rate)} {self.unit}/s{mfu} | eta {format_seconds(eta)}", flush=True)
+        self.record(row)
         self.last_t, self.last_step, self.count = now, step, 0
         return rate
 

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common import UserError, autocast, check, load_checkpoint, load_state, parse_config, pick_device, run_main
+from common import UserError, autocast, check, load_model, parse_config, pick_device, run_main
 from data import EOT, get_encoding
-from model import GPT, GPTConfig, KVCache
+from model import KVCache
 
 
 def next_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
@@ -86,17 +86,6 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     return out
 
 
-def load_policy(path, device):
-    """A language model from an sft or dpo checkpoint, in eval mode (dropout off)."""
-    ckpt = load_checkpoint(path)
-    if ckpt.get("kind") not in ("sft", "dpo"):
-        raise UserError(f"{path} holds a {ckpt.get('kind')!r} checkpoint; sampling needs an sft or dpo one")
-    config = GPTConfig(**{**ckpt["model_config"], "dropout": 0.0})
-    model = GPT(config)
-    load_state(model, ckpt["model"], path)
-    return model.to(device).eval()
-
-
 @dataclass
 class SampleConfig:
     ckpt: str = field(default="out/sft.pt", metadata={"help": "sft or dpo checkpoint"})
@@ -121,7 +110,7 @@ class SampleConfig:
 def main():
     cfg = parse_config(SampleConfig, description="Sample completions from a checkpoint.")
     device = pick_device(cfg.device)
-    model = load_policy(cfg.ckpt, device)
+    model = load_model(cfg.ckpt).to(device).eval()
     enc = get_encoding()
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     prompt = enc.encode_ordinary(cfg.prompt)

@@ -76,10 +76,7 @@ def build_model(cfg, device):
         return GPT(GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                              n_embd=cfg.n_embd, dropout=cfg.dropout)).to(device)
     if cfg.init.endswith(".pt"):
-        ckpt = common.load_checkpoint(cfg.init)
-        model = GPT(GPTConfig(**{**ckpt["model_config"], "dropout": cfg.dropout}))
-        common.load_state(model, ckpt["model"], cfg.init)
-        return model.to(device)
+        return common.load_model(cfg.init, dropout=cfg.dropout).to(device)
     try:
         return GPT.from_pretrained(cfg.init, dropout=cfg.dropout).to(device)
     except ValueError as e:
@@ -147,7 +144,7 @@ def train_lm(cfg, train_tokens, val_tokens):
     peak = common.peak_flops(device)
     flops_per_token = model.flops_per_token(cfg.block_size)
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
-    progress = common.Progress(cfg.name, cfg.max_steps, os.path.join(cfg.out, f"{cfg.name}_log.jsonl"))
+    progress = common.Progress(cfg.name, cfg.max_steps, os.path.join(cfg.out, f"{cfg.name}_log.jsonl"), start_step=step)
 
     def save():
         common.save_checkpoint(ckpt_path, {
@@ -169,9 +166,7 @@ def train_lm(cfg, train_tokens, val_tokens):
             shown = {"loss": metrics["loss"], "lr": lr, "grad_norm": metrics["grad_norm"]}
             if step % cfg.eval_interval == 0 or step == cfg.max_steps:
                 shown["val_loss"] = validation_loss(forward, val_tokens, cfg, device)
-            rate = progress.line(step, shown)
-            if peak:
-                print(f"  mfu {rate * flops_per_token / peak:.1%}")
+            progress.line(step, shown, peak_flops=peak, flops_per_unit=flops_per_token)
         if step % cfg.save_interval == 0 or step == cfg.max_steps:
             save()
     return ckpt_path

@@ -1,0 +1,308 @@
+"""
+Direct Preference Optimization (Rafailov et al. 2023), written so each step of the derivation is
+one place in the code.
+
+The RLHF objective (Eq. 3)       max_pi  E[r(x, y)] - beta * KL(pi(y|x) || pi_ref(y|x))
+has the closed-form optimum (Eq. 4)  pi_r(y|x) = pi_ref(y|x) exp(r(x, y) / beta) / Z(x).
+Solved for the reward (Eq. 5)    r(x, y) = beta * log(pi_r(y|x) / pi_ref(y|x)) + beta * log Z(x).
+Put into Bradley-Terry (Eq. 1)   p(y_w > y_l | x) = sigma(r(x, y_w) - r(x, y_l)), Z(x) cancels (Eq. 6),
+and maximum likelihood over preference pairs is the DPO loss (Eq. 7):
+    L = -log sigma(beta * log(pi(y_w|x)/pi_ref(y_w|x)) - beta * log(pi(y_l|x)/pi_ref(y_l|x))).
+
+    python dpo.py --sft out/sft.pt --pairs my_pairs.jsonl --out out/my_dpo
+"""
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import common
+from common import UserError, check
+from data import EOT, get_encoding
+
+
+# ---------------------------------------------------------------------------- the math
+def sequence_logps(logits, tokens, response_mask):
+    """log pi(y|x) = sum over response positions t of log pi(tokens[t] | tokens[<t]).
+    logits (B, T, V) with logits[:, t] predicting tokens[:, t + 1]; response_mask (B, T) marks the
+    response tokens. Returns (B,) in float32, whatever the logits' dtype."""
+    logits = logits[:, :-1]  # (B, T-1, V): position t-1 predicts token t
+    targets = tokens[:, 1:]  # (B, T-1)
+    mask = response_mask[:, 1:].bool()  # token 0 has no prediction; it is always prompt
+    # log_softmax(z)[y] = z[y] - logsumexp(z): one float32 (B, T-1, V) temporary, not two
+    target_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()
+    token_logps = target_logits - torch.logsumexp(logits.float(), dim=-1)  # (B, T-1)
+    return torch.where(mask, token_logps, 0.0).sum(-1)
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+             beta, label_smoothing=0.0, loss_type="sigmoid"):
+    """Per-pair losses and the implicit rewards of chosen and rejected responses, each (B,)."""
+    # Eq. 5: the implicit reward r(x, y) = beta * log(pi(y|x) / pi_ref(y|x)) (+ beta log Z(x), which cancels below)
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps
+    # Eq. 6: the Bradley-Terry logit r(x, y_w) - r(x, y_l) = beta * d
+    d = chosen_logratios - rejected_logratios
+    if loss_type == "sigmoid":
+        # Eq. 7: L = -log sigma(beta * d); with label_smoothing eps the labels are flipped with
+        # probability eps (conservative DPO): L = -(1 - eps) log sigma(beta d) - eps log sigma(-beta d)
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * d) - label_smoothing * F.logsigmoid(-beta * d)
+    elif loss_type == "ipo":  # IPO (Azar et al. 2023): regress d onto 1 / (2 beta)
+        losses = (d - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":  # SLiC-style hinge on the scaled margin
+        losses = torch.relu(1 - beta * d)
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}: use sigmoid, ipo or hinge")
+    chosen_rewards = beta * chosen_logratios.detach()
+    rejected_rewards = beta * rejected_logratios.detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+# ---------------------------------------------------------------------------- preference data
+@dataclass
+class PreferencePair:
+    prompt: list  # token ids
+    chosen: list
+    rejected: list
+
+
+def read_pairs(path, max_length, skip_bad=False):
+    """Preference JSONL: one {"prompt", "chosen", "rejected"} object a line (texts; optional
+    "prompt_ids"/"chosen_ids"/"rejected_ids" give exact token ids and take precedence).
+    Prompt and responses are tokenized separately and concatenated, so no BPE merge crosses the
+    boundary. A bad line stops with file:line and the problem, or is skipped and counted when skip_bad."""
+    if not os.path.exists(path):
+        raise UserError(f"preference file not found: {path}")
+    enc = get_encoding()
+    pairs, skipped = [], []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                pairs.append(_parse_pair(line, enc, max_length))
+            except ValueError as e:
+                if not skip_bad:
+                    raise UserError(f"{path}:{line_no}: {e} (pass --skip-bad-lines to skip such lines)") from None
+                skipped.append(line_no)
+    if skipped:
+        print(f"skipped {len(skipped)} bad lines of {path} (first: {skipped[:10]})")
+    if not pairs:
+        raise UserError(f"{path} holds no usable preference pairs")
+    return pairs
+
+
+def _parse_pair(line, enc, max_length):
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"malformed JSON ({e.msg})") from None
+    if not isinstance(record, dict):
+        raise ValueError("each line must be a JSON object with prompt, chosen and rejected")
+    parts = {}
+    for key in ("prompt", "chosen", "rejected"):
+        if f"{key}_ids" in record:
+            ids = record[f"{key}_ids"]
+            if not (isinstance(ids, list) and all(isinstance(i, int) and 0 <= i <= EOT for i in ids)):
+                raise ValueError(f"'{key}_ids' must be a list of token ids in [0, {EOT}]")
+        elif key in record:
+            if not isinstance(record[key], str):
+                raise ValueError(f"'{key}' must be a string")
+            ids = enc.encode_ordinary(record[key])
+        else:
+            raise ValueError(f"missing key '{key}'")
+        if not ids:
+            raise ValueError(f"'{key}' is empty")
+        parts[key] = ids
+    if parts["chosen"] == parts["rejected"]:
+        raise ValueError("chosen and rejected are the same response")
+    if len(parts["prompt"]) + 2 > max_length:  # room for at least one response token and end-of-text
+        raise ValueError(f"the prompt has {len(parts['prompt'])} tokens; with a response it exceeds the "
+                         f"maximum length of {max_length} (raise --max-length up to the model's context)")
+    return PreferencePair(parts["prompt"], parts["chosen"], parts["rejected"])
+
+
+def collate(pairs, max_length, device="cpu"):
+    """2B right-padded rows [chosen_0..chosen_B-1, rejected_0..rejected_B-1] of prompt + response + EOT.
+    The prompt is kept whole; a response too long is cut to fit max_length (its EOT is kept).
+    Returns tokens (2B, T) and response_mask (2B, T): 1 on response tokens (EOT included)."""
+    rows = []
+    for side in ("chosen", "rejected"):
+        for pair in pairs:
+            room = max_length - len(pair.prompt) - 1
+            rows.append((pair.prompt, getattr(pair, side)[:room] + [EOT]))
+    width = max(len(p) + len(r) for p, r in rows)
+    tokens = torch.zeros((len(rows), width), dtype=torch.long)  # padding id 0 is masked out everywhere
+    response_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (prompt, response) in enumerate(rows):
+        tokens[i, :len(prompt) + len(response)] = torch.tensor(prompt + response)
+        response_mask[i, len(prompt):len(prompt) + len(response)] = True
+    return tokens.to(device), response_mask.to(device)
+
+
+def concatenated_logps(model, tokens, response_mask):
+    """One forward pass over [chosen; rejected] (2B rows) -> (chosen_logps, rejected_logps), each (B,).
+    Right padding needs no attention mask: causal attention never lets a real token see the padding after it."""
+    logps = sequence_logps(model(tokens), tokens, response_mask)
+    return logps.chunk(2)
+
+
+@torch.no_grad()
+def reference_logps(reference, pairs, batch_size, max_length, device):
+    """Reference log-probs of every pair, computed once: (N, 2) float32 [chosen, rejected]."""
+    out = []
+    for i in range(0, len(pairs), batch_size):
+        tokens, mask = collate(pairs[i:i + batch_size], max_length, device)
+        with common.autocast(device):
+            chosen, rejected = concatenated_logps(reference, tokens, mask)
+        out.append(torch.stack([chosen, rejected], dim=1).float().cpu())
+    return torch.cat(out)
+
+
+def batch_indices(step, batch_size, n, seed):
+    """The pair indices of one step: a fresh permutation each epoch, a pure function of the step,
+    so a resumed run sees exactly the batches an uninterrupted run would."""
+    positions = np.arange(step * batch_size, (step + 1) * batch_size)
+    epochs = positions // n
+    return [int(np.random.default_rng([seed, int(e)]).permutation(n)[p % n]) for e, p in zip(epochs, positions)]
+
+
+# ---------------------------------------------------------------------------- the trainer
+@dataclass
+class DPOConfig:
+    sft: str = field(default="out/sft.pt", metadata={"help": "SFT checkpoint: the initial policy and the reference"})
+    pairs: str = field(default="out/pairs.jsonl", metadata={"help": "preference JSONL (prompt, chosen, rejected)"})
+    out: str = field(default="out/dpo", metadata={"help": "run folder for checkpoint and log"})
+    name: str = field(default="dpo", metadata={"help": "checkpoint is OUT/NAME.pt, log OUT/NAME_log.jsonl"})
+    beta: float = field(default=0.1, metadata={"help": "KL strength beta (paper: 0.1)"})
+    loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (Eq. 7) | ipo | hinge"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "conservative DPO: probability a label is flipped"})
+    batch_size: int = field(default=64, metadata={"help": "pairs per optimizer step (paper: 64)"})
+    micro_batch_size: int = field(default=64, metadata={"help": "pairs per forward pass (gradient accumulation)"})
+    optimizer: str = field(default="rmsprop", metadata={"help": "rmsprop (paper) | adamw"})
+    lr: float = field(default=1e-6, metadata={"help": "learning rate (paper: 1e-6)"})
+    warmup_steps: int = field(default=150, metadata={"help": "linear warm-up steps, then constant (paper: 150)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = field(default=10.0, metadata={"help": "clip the gradient norm (0 = off)"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the pairs (when max_steps is 0)"})
+    max_steps: int = field(default=0, metadata={"help": "optimizer steps (0 = epochs x pairs / batch)"})
+    max_length: int = field(default=0, metadata={"help": "longest prompt + response + EOT in tokens (0 = the model's context)"})
+    precompute_ref: bool = field(default=False, metadata={"help": "compute reference log-probs once; free the reference model"})
+    skip_bad_lines: bool = field(default=False, metadata={"help": "skip (and count) bad preference lines instead of stopping"})
+    log_interval: int = field(default=10, metadata={"help": "steps between progress lines"})
+    eval_interval: int = field(default=100, metadata={"help": "steps between evaluations"})
+    save_interval: int = field(default=500, metadata={"help": "steps between checkpoints"})
+    seed: int = field(default=0, metadata={"help": "random seed (data order)"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+
+    def validate(self):
+        check(self.beta > 0, f"--beta must be > 0, got {self.beta}")
+        check(self.loss_type in ("sigmoid", "ipo", "hinge"), f"--loss-type must be sigmoid, ipo or hinge, got {self.loss_type!r}")
+        check(0 <= self.label_smoothing < 0.5, f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        check(self.batch_size > 0 and self.micro_batch_size > 0, f"--batch-size and --micro-batch-size must be positive")
+        check(self.batch_size % self.micro_batch_size == 0,
+              f"--batch-size {self.batch_size} must be a multiple of --micro-batch-size {self.micro_batch_size}")
+        check(self.optimizer in ("rmsprop", "adamw"), f"--optimizer must be rmsprop or adamw, got {self.optimizer!r}")
+        check(self.lr > 0 and self.warmup_steps >= 0 and self.grad_clip >= 0, "--lr must be > 0; --warmup-steps, --grad-clip >= 0")
+        check(self.epochs > 0 and self.max_steps >= 0, f"--epochs must be > 0 and --max-steps >= 0")
+        check(self.max_length == 0 or self.max_length >= 3, f"--max-length must be 0 or at least 3, got {self.max_length}")
+        for name in ("log_interval", "eval_interval", "save_interval"):
+            check(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive")
+
+
+def train_dpo(cfg, pairs=None, evaluate=None):
+    """DPO from the SFT checkpoint (policy init and frozen reference). evaluate(step, policy) -> dict
+    is called at step 0, every eval_interval steps and at the end. Resumes from OUT/NAME.pt."""
+    device = common.pick_device(cfg.device)
+    policy = common.load_model(cfg.sft).to(device)
+    max_length = cfg.max_length or policy.config.block_size
+    if max_length > policy.config.block_size:
+        raise UserError(f"--max-length {max_length} exceeds the model's context of {policy.config.block_size}")
+    pairs = pairs if pairs is not None else read_pairs(cfg.pairs, max_length, cfg.skip_bad_lines)
+    reference = common.load_model(cfg.sft).to(device).eval().requires_grad_(False)
+    policy.train()  # dropout is 0 in both: the log-probs of the policy and the reference are deterministic
+    total = cfg.max_steps or max(1, int(cfg.epochs * len(pairs) / cfg.batch_size))
+    if cfg.optimizer == "rmsprop":
+        optimizer = torch.optim.RMSprop(policy.parameters(), lr=cfg.lr)
+    else:
+        optimizer = common.adamw(policy, cfg.lr, cfg.weight_decay, (0.9, 0.999), device)
+    ckpt_path = os.path.join(cfg.out, f"{cfg.name}.pt")
+    step = 0
+    if os.path.exists(ckpt_path):
+        ckpt = common.load_checkpoint(ckpt_path, kind="dpo")
+        differs = [k for k in ("sft", "beta", "loss_type", "label_smoothing", "batch_size", "optimizer", "lr", "seed")
+                   if ckpt["config"].get(k) != getattr(cfg, k)]
+        if differs:
+            raise UserError(f"{ckpt_path} belongs to a run with a different config ({', '.join(differs)} differ); "
+                            f"use another --out, or move that file away to start over")
+        common.load_state(policy, ckpt["model"], ckpt_path)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        common.set_rng_state(ckpt["rng"])
+        step = ckpt["step"]
+        print(f"resuming {ckpt_path} at step {step}/{total}")
+
+    precomputed = None
+    if cfg.precompute_ref:
+        t0 = time.time()
+        precomputed = reference_logps(reference, pairs, cfg.micro_batch_size, max_length, device)
+        reference = None  # the reference model is no longer needed in memory
+        print(f"reference log-probs of {len(pairs)} pairs precomputed in {time.time() - t0:.1f}s")
+
+    def loss_fn(indices):
+        tokens, response_mask = collate([pairs[i] for i in indices], max_length, device)  # (2B, T)
+        policy_chosen, policy_rejected = concatenated_logps(policy, tokens, response_mask)
+        if precomputed is not None:
+            ref_chosen, ref_rejected = precomputed[indices].to(device).unbind(1)
+        else:
+            with torch.no_grad():
+                ref_chosen, ref_rejected = concatenated_logps(reference, tokens, response_mask)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                                                            cfg.beta, cfg.label_smoothing, cfg.loss_type)
+        return losses.mean(), {
+            "rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+            "logps/chosen": policy_chosen.detach().mean(), "logps/rejected": policy_rejected.detach().mean()}
+
+    def save():
+        common.save_checkpoint(ckpt_path, {
+            "kind": "dpo", "model": policy.state_dict(), "optimizer": optimizer.state_dict(),
+            "model_config": dataclasses.asdict(policy.config), "config": dataclasses.asdict(cfg),
+            "step": step, "rng": common.rng_state()})
+
+    progress = common.Progress(f"{cfg.name}", total, os.path.join(cfg.out, f"{cfg.name}_log.jsonl"), unit="pairs",
+                               start_step=step)
+    show = ("loss", "rewards/accuracies", "rewards/margins", "grad_norm")
+    if evaluate and step == 0:
+        progress.record({"step": 0, **evaluate(0, policy)})
+    n_micro = cfg.batch_size // cfg.micro_batch_size
+    while step < total:
+        indices = batch_indices(step, cfg.batch_size, len(pairs), cfg.seed)
+        micro = [indices[m * cfg.micro_batch_size:(m + 1) * cfg.micro_batch_size] for m in range(n_micro)]
+        lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))  # linear warm-up, then constant
+        metrics = common.optimizer_step(policy, optimizer, micro, loss_fn, lr, cfg.grad_clip, device, step)
+        step += 1
+        progress.add(cfg.batch_size)
+        if step % cfg.log_interval == 0 or step == total:
+            progress.line(step, {**metrics, "lr": lr}, show=show)
+        if evaluate and (step % cfg.eval_interval == 0 or step == total):
+            progress.record({"step": step, **evaluate(step, policy)})
+            policy.train()
+        if step % cfg.save_interval == 0 or step == total:
+            save()
+    return ckpt_path
+
+
+def main():
+    cfg = common.parse_config(DPOConfig, description="DPO on a preference JSONL file, starting from an SFT checkpoint.")
+    path = train_dpo(cfg)
+    print(f"checkpoint: {path}\ntry: python sample.py --ckpt {path} --prompt \"This movie\" --n 4")
+
+
+if __name__ == "__main__":
+    common.run_main(main)

@@ -12,6 +12,7 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 
 
@@ -137,6 +138,14 @@ def optimizer_step(model, optimizer, micro_batches, loss_fn, lr, grad_clip, devi
     optimizer.zero_grad(set_to_none=True)
     totals["grad_norm"] = grad_norm
     return totals
+
+
+def batch_indices(step, batch_size, n, seed):
+    """The example indices of one step: a fresh permutation of range(n) each epoch, a pure function
+    of the step, so a resumed run sees exactly the batches an uninterrupted run would."""
+    positions = np.arange(step * batch_size, (step + 1) * batch_size)
+    epochs = positions // n
+    return [int(np.random.default_rng([seed, int(e)]).permutation(n)[p % n]) for e, p in zip(epochs, positions)]
 
 
 # ---------------------------------------------------------------------------- files

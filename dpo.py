@@ -17,7 +17,6 @@ import os
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -127,15 +126,17 @@ def _parse_pair(line, enc, max_length):
     return PreferencePair(parts["prompt"], parts["chosen"], parts["rejected"])
 
 
-def collate(pairs, max_length, device="cpu"):
+def collate(pairs, max_length, device="cpu", append_eot=True):
     """2B right-padded rows [chosen_0..chosen_B-1, rejected_0..rejected_B-1] of prompt + response + EOT.
     The prompt is kept whole; a response too long is cut to fit max_length (its EOT is kept).
+    append_eot=False leaves responses as they are (fixed-length samples that did not end).
     Returns tokens (2B, T) and response_mask (2B, T): 1 on response tokens (EOT included)."""
+    end = [EOT] if append_eot else []
     rows = []
     for side in ("chosen", "rejected"):
         for pair in pairs:
-            room = max_length - len(pair.prompt) - 1
-            rows.append((pair.prompt, getattr(pair, side)[:room] + [EOT]))
+            room = max_length - len(pair.prompt) - len(end)
+            rows.append((pair.prompt, getattr(pair, side)[:room] + end))
     width = max(len(p) + len(r) for p, r in rows)
     tokens = torch.zeros((len(rows), width), dtype=torch.long)  # padding id 0 is masked out everywhere
     response_mask = torch.zeros((len(rows), width), dtype=torch.bool)
@@ -153,23 +154,15 @@ def concatenated_logps(model, tokens, response_mask):
 
 
 @torch.no_grad()
-def reference_logps(reference, pairs, batch_size, max_length, device):
+def reference_logps(reference, pairs, batch_size, max_length, device, append_eot=True):
     """Reference log-probs of every pair, computed once: (N, 2) float32 [chosen, rejected]."""
     out = []
     for i in range(0, len(pairs), batch_size):
-        tokens, mask = collate(pairs[i:i + batch_size], max_length, device)
+        tokens, mask = collate(pairs[i:i + batch_size], max_length, device, append_eot)
         with common.autocast(device):
             chosen, rejected = concatenated_logps(reference, tokens, mask)
         out.append(torch.stack([chosen, rejected], dim=1).float().cpu())
     return torch.cat(out)
-
-
-def batch_indices(step, batch_size, n, seed):
-    """The pair indices of one step: a fresh permutation each epoch, a pure function of the step,
-    so a resumed run sees exactly the batches an uninterrupted run would."""
-    positions = np.arange(step * batch_size, (step + 1) * batch_size)
-    epochs = positions // n
-    return [int(np.random.default_rng([seed, int(e)]).permutation(n)[p % n]) for e, p in zip(epochs, positions)]
 
 
 # ---------------------------------------------------------------------------- the trainer
@@ -192,6 +185,7 @@ class DPOConfig:
     epochs: float = field(default=1.0, metadata={"help": "passes over the pairs (when max_steps is 0)"})
     max_steps: int = field(default=0, metadata={"help": "optimizer steps (0 = epochs x pairs / batch)"})
     max_length: int = field(default=0, metadata={"help": "longest prompt + response + EOT in tokens (0 = the model's context)"})
+    append_eot: bool = field(default=True, metadata={"help": "end each response with end-of-text (off for fixed-length samples)"})
     precompute_ref: bool = field(default=False, metadata={"help": "compute reference log-probs once; free the reference model"})
     skip_bad_lines: bool = field(default=False, metadata={"help": "skip (and count) bad preference lines instead of stopping"})
     log_interval: int = field(default=10, metadata={"help": "steps between progress lines"})
@@ -249,12 +243,12 @@ def train_dpo(cfg, pairs=None, evaluate=None):
     precomputed = None
     if cfg.precompute_ref:
         t0 = time.time()
-        precomputed = reference_logps(reference, pairs, cfg.micro_batch_size, max_length, device)
+        precomputed = reference_logps(reference, pairs, cfg.micro_batch_size, max_length, device, cfg.append_eot)
         reference = None  # the reference model is no longer needed in memory
         print(f"reference log-probs of {len(pairs)} pairs precomputed in {time.time() - t0:.1f}s")
 
     def loss_fn(indices):
-        tokens, response_mask = collate([pairs[i] for i in indices], max_length, device)  # (2B, T)
+        tokens, response_mask = collate([pairs[i] for i in indices], max_length, device, cfg.append_eot)  # (2B, T)
         policy_chosen, policy_rejected = concatenated_logps(policy, tokens, response_mask)
         if precomputed is not None:
             ref_chosen, ref_rejected = precomputed[indices].to(device).unbind(1)
@@ -282,7 +276,7 @@ def train_dpo(cfg, pairs=None, evaluate=None):
         progress.record({"step": 0, **evaluate(0, policy)})
     n_micro = cfg.batch_size // cfg.micro_batch_size
     while step < total:
-        indices = batch_indices(step, cfg.batch_size, len(pairs), cfg.seed)
+        indices = common.batch_indices(step, cfg.batch_size, len(pairs), cfg.seed)
         micro = [indices[m * cfg.micro_batch_size:(m + 1) * cfg.micro_batch_size] for m in range(n_micro)]
         lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))  # linear warm-up, then constant
         metrics = common.optimizer_step(policy, optimizer, micro, loss_fn, lr, cfg.grad_clip, device, step)

@@ -1,0 +1,231 @@
+"""
+Throughput of the project's hot loops on a randomly initialised GPT fed random tokens: an SFT
+step, a DPO step with a live reference model and with precomputed reference log-probs, and
+KV-cache sampling. Each runs the trainers' own functions (losses, optimizers, autocast), so the
+numbers predict the real runs. FLOPs are counted explicitly; MFU where the GPU's peak is known.
+
+    python bench.py                    # preset by device: cpu or gpu
+    python bench.py --preset smoke     # seconds, to check that it runs
+    python bench.py --n-layer 24 --n-head 16 --n-embd 1024 --out-json out/bench.json
+"""
+import copy
+import dataclasses
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import common
+import dpo
+import sample
+import sft
+from common import check
+from data import EOT
+from model import GPT, GPTConfig
+
+PROMPT_LENGTHS = (2, 8)  # prompts of DPO pairs and of sampling: 2 to 8 tokens, like IMDb review openings
+
+
+@dataclass
+class BenchConfig:
+    n_layer: int = field(default=4, metadata={"help": "transformer blocks"})
+    n_head: int = field(default=4, metadata={"help": "attention heads"})
+    n_embd: int = field(default=128, metadata={"help": "model width"})
+    block_size: int = field(default=128, metadata={"help": "context; also the SFT sequence length"})
+    batch_size: int = field(default=16, metadata={"help": "SFT sequences per step"})
+    dpo_batch_size: int = field(default=8, metadata={"help": "DPO pairs per step"})
+    response_len: int = field(default=48, metadata={"help": "tokens per DPO response, before its end-of-text"})
+    sample_batch_size: int = field(default=16, metadata={"help": "prompts sampled together"})
+    max_new_tokens: int = field(default=48, metadata={"help": "tokens sampled per prompt"})
+    warmup: int = field(default=2, metadata={"help": "untimed iterations before each benchmark"})
+    repeats: int = field(default=5, metadata={"help": "timed iterations of each benchmark; the median is reported"})
+    compile: bool = field(default=True, metadata={"help": "torch.compile the SFT model on CUDA, as sft.py does"})
+    seed: int = field(default=0, metadata={"help": "random seed (weights and tokens)"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    out_json: str = field(default=None, metadata={"help": "also write the table to this JSON file"})
+
+    def validate(self):
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "dpo_batch_size", "response_len",
+                     "sample_batch_size", "max_new_tokens", "repeats"):
+            check(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        check(self.warmup >= 0, f"--warmup must be >= 0, got {self.warmup}")
+        check(self.n_embd % self.n_head == 0, f"--n-embd {self.n_embd} must be divisible by --n-head {self.n_head}")
+        longest = PROMPT_LENGTHS[1]
+        check(longest + self.response_len + 1 <= self.block_size,
+              f"a {longest}-token prompt + --response-len {self.response_len} + end-of-text exceeds --block-size {self.block_size}")
+        check(longest + self.max_new_tokens <= self.block_size,
+              f"a {longest}-token prompt + --max-new-tokens {self.max_new_tokens} exceeds --block-size {self.block_size}")
+
+
+PRESETS = {
+    "smoke": dict(n_layer=2, n_head=2, n_embd=64, block_size=64, batch_size=4, dpo_batch_size=2, sample_batch_size=4,
+                  warmup=1, repeats=3),
+    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16, dpo_batch_size=8, sample_batch_size=16),
+    "gpu": dict(n_layer=12, n_head=12, n_embd=768, block_size=256, batch_size=64, dpo_batch_size=64, sample_batch_size=256),
+}
+
+
+# ---------------------------------------------------------------------------- inputs and timing
+def new_model(cfg, device):
+    """A fresh GPT-2-vocabulary model, the same random weights at every call."""
+    common.seed_everything(cfg.seed)
+    return GPT(GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)).to(device)
+
+
+def random_tokens(n, generator):
+    return torch.randint(0, EOT, (n,), generator=generator).tolist()  # any token but end-of-text
+
+
+def random_prompts(n, generator):
+    lengths = torch.randint(PROMPT_LENGTHS[0], PROMPT_LENGTHS[1] + 1, (n,), generator=generator).tolist()
+    return [random_tokens(k, generator) for k in lengths]
+
+
+def median_seconds(step, cfg, device):
+    """Median wall time of step() over cfg.repeats calls, after cfg.warmup untimed ones (which also
+    absorb torch.compile). The GPU is synchronised before each clock reading."""
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    for _ in range(cfg.warmup):
+        step()
+    times = []
+    for _ in range(cfg.repeats):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------------------- the benchmarks
+# Each returns (config, throughput, unit, FLOPs per unit, the formula of that count).
+# N = model.num_params(): every weight but the position embedding (the tied token embedding is the
+# output head's matmul); L layers, C width, T sequence length.
+
+def bench_sft(cfg, device):
+    """One AdamW step on batch_size x block_size tokens, as sft.train_lm takes it."""
+    model = new_model(cfg, device).train()
+    forward = torch.compile(model) if cfg.compile and device.startswith("cuda") else model
+    trainer = sft.SFTConfig()  # the trainer's optimizer settings
+    optimizer = common.adamw(model, trainer.lr, trainer.weight_decay, (0.9, 0.95), device)
+    windows = torch.randint(0, EOT, (cfg.batch_size, cfg.block_size + 1), device=device)  # (B, T + 1)
+
+    def step():
+        common.optimizer_step(model, optimizer, [windows], lambda b: (sft.lm_loss(forward, b), {}),
+                              trainer.lr, trainer.grad_clip, device, step=0)
+
+    seconds = median_seconds(step, cfg, device)
+    T = cfg.block_size
+    # forward + backward per token: 6N for the weights, 12LCT for attention scores and their use
+    return f"{cfg.batch_size} x {T}", cfg.batch_size * T / seconds, "tokens/s", model.flops_per_token(T), f"6N + 12LCT, T={T}"
+
+
+def bench_dpo(cfg, device, live_reference):
+    """One RMSprop step on dpo_batch_size pairs, with dpo.train_dpo's loss (its logged metrics left out)."""
+    policy = new_model(cfg, device).train()
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    trainer = dpo.DPOConfig()  # the trainer's defaults: the paper's RMSprop, lr and beta
+    optimizer = torch.optim.RMSprop(policy.parameters(), lr=trainer.lr)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    pairs = [dpo.PreferencePair(prompt, random_tokens(cfg.response_len, generator), random_tokens(cfg.response_len, generator))
+             for prompt in random_prompts(cfg.dpo_batch_size, generator)]
+    precomputed = None
+    if not live_reference:
+        precomputed = dpo.reference_logps(reference, pairs, len(pairs), cfg.block_size, device)  # (B, 2)
+        reference = None  # as in train_dpo: the reference model is not needed any more
+
+    def loss_fn(batch):
+        tokens, response_mask = dpo.collate(batch, cfg.block_size, device)  # (2B, T)
+        policy_chosen, policy_rejected = dpo.concatenated_logps(policy, tokens, response_mask)
+        if precomputed is not None:
+            ref_chosen, ref_rejected = precomputed.to(device).unbind(1)
+        else:
+            with torch.no_grad():
+                ref_chosen, ref_rejected = dpo.concatenated_logps(reference, tokens, response_mask)
+        losses, _, _ = dpo.dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, trainer.beta)
+        return losses.mean(), {}
+
+    def step():
+        common.optimizer_step(policy, optimizer, [pairs], loss_fn, trainer.lr, trainer.grad_clip, device, step=0)
+
+    seconds = median_seconds(step, cfg, device)
+    T = dpo.collate(pairs, cfg.block_size)[0].size(1)  # the padded length of both rows of a pair
+    # per pair: policy forward + backward over 2 rows of T tokens, 2T (6N + 12LCT); a live reference
+    # adds their forward, a third of that: 2T (2N + 4LCT)
+    flops = 2 * T * policy.flops_per_token(T) * (4 / 3 if live_reference else 1)
+    formula = f"2T(6N + 12LCT){' + 2T(2N + 4LCT)' if live_reference else ''}, T={T}"
+    return f"{cfg.dpo_batch_size} x {T}", cfg.dpo_batch_size / seconds, "pairs/s", flops, formula
+
+
+def bench_sample(cfg, device):
+    """sample.generate of max_new_tokens per prompt for sample_batch_size prompts, never stopping early."""
+    model = new_model(cfg, device).eval()
+    prompts = random_prompts(cfg.sample_batch_size, torch.Generator().manual_seed(cfg.seed))
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    def step():
+        sample.generate(model, prompts, cfg.max_new_tokens, stop_at_eot=False, generator=generator)
+
+    seconds = median_seconds(step, cfg, device)
+    # forward only, per new token: 2N for the weights + 4LC per cached position attended (QK^T and AV).
+    # New token n = 0, 1, ... is predicted from P + n positions, P the left-padded prompt width, so the
+    # mean context is P + (n_new - 1) / 2; the prefill's other prompt positions are left out.
+    c = model.config
+    context = max(len(p) for p in prompts) + (cfg.max_new_tokens - 1) / 2
+    flops = 2 * model.num_params() + 4 * c.n_layer * c.n_embd * context
+    return (f"{cfg.sample_batch_size} x {cfg.max_new_tokens}", cfg.sample_batch_size * cfg.max_new_tokens / seconds,
+            "tokens/s", flops, f"2N + 4LC x context, context={context:g}")
+
+
+# ---------------------------------------------------------------------------- the report
+def hardware(device):
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"
+
+
+def print_table(rows):
+    header = ("benchmark", "config (batch x length)", "throughput", "FLOPs/unit", "MFU")
+    lines = [header] + [(r["benchmark"], r["config"], f"{r['throughput']:,.1f} {r['unit']}", f"{r['flops_per_unit']:.4g}",
+                         "-" if r["mfu"] is None else f"{r['mfu']:.1%}") for r in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    for line in lines:
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
+
+
+def main(argv=None):
+    cfg = common.parse_config(BenchConfig, argv, presets=PRESETS, default_preset="gpu" if torch.cuda.is_available() else "cpu",
+                              description="Throughput and MFU of SFT, DPO and sampling on a random model.")
+    device = common.pick_device(cfg.device)
+    peak = common.peak_flops(device)
+    print(f"bench: N = {new_model(cfg, 'cpu').num_params():,} parameters, L={cfg.n_layer}, C={cfg.n_embd}, "
+          f"device {device}, median of {cfg.repeats} runs after {cfg.warmup} warm-up")
+    benchmarks = {
+        "sft": lambda: bench_sft(cfg, device),
+        "dpo, live reference": lambda: bench_dpo(cfg, device, live_reference=True),
+        "dpo, precomputed reference": lambda: bench_dpo(cfg, device, live_reference=False),
+        "sample, kv cache": lambda: bench_sample(cfg, device),
+    }
+    rows = []
+    for name, run in benchmarks.items():
+        config, throughput, unit, flops, formula = run()
+        mfu = throughput * flops / peak if peak else None
+        rows.append(dict(benchmark=name, config=config, throughput=throughput, unit=unit, flops_per_unit=flops,
+                         flops_formula=formula, mfu=mfu))
+        print(f"{name}: {throughput:,.1f} {unit} | FLOPs per unit: {formula} = {flops:.4g}")
+    print()
+    print_table(rows)
+    print(f"hardware: {hardware(device)} | torch {torch.__version__}")
+    if cfg.out_json:
+        common.save_json(cfg.out_json, {"hardware": hardware(device), "torch": torch.__version__,
+                                        "config": dataclasses.asdict(cfg), "rows": rows})
+
+
+if __name__ == "__main__":
+    common.run_main(main)

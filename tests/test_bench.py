@@ -1,0 +1,22 @@
+import json
+
+import bench
+
+
+def test_bench_reports_every_benchmark_with_positive_throughput_and_flops(tmp_path):
+    out = tmp_path / "bench.json"
+    bench.main(["--preset", "smoke", "--device", "cpu", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
+                "--block-size", "32", "--batch-size", "2", "--dpo-batch-size", "2", "--response-len", "8",
+                "--sample-batch-size", "2", "--max-new-tokens", "4", "--warmup", "0", "--repeats", "1",
+                "--out-json", str(out)])
+    table = json.loads(out.read_text())
+    rows = {row["benchmark"]: row for row in table["rows"]}
+    assert list(rows) == ["sft", "dpo, live reference", "dpo, precomputed reference", "sample, kv cache"]
+    for row in rows.values():
+        assert row["throughput"] > 0 and row["flops_per_unit"] > 0 and row["mfu"] is None  # no known peak on a CPU
+    # 6N + 12LCT by hand: N = token embedding V*C + per block 12C^2 + 13C + final LayerNorm 2C
+    V, L, C, T = 50257, 1, 32, 32
+    N = V * C + L * (12 * C * C + 13 * C) + 2 * C
+    assert rows["sft"]["flops_per_unit"] == 6 * N + 12 * L * C * T
+    # a live reference adds a forward pass, a third of the policy's forward + backward
+    assert rows["dpo, live reference"]["flops_per_unit"] == 4 / 3 * rows["dpo, precomputed reference"]["flops_per_unit"]

@@ -1,0 +1,586 @@
+"""
+Tests of the DPO core (dpo.py) against the claims of Rafailov et al. 2023.
+
+Every expected value is computed independently of the code under test: brute-force Python loops over
+positions in float64, hand-written formulas with math.log / math.exp, per-sequence autograd in float64,
+the closed-form optimum pi*(y) = pi_ref(y) exp(r(y) / beta) / Z, or a synthetic reward on a toy task.
+"""
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import dpo
+import sample
+from data import get_encoding
+from dpo import EOT, DPOConfig, PreferencePair
+from model import GPT, GPTConfig
+
+LN2 = math.log(2.0)
+
+
+# ---------------------------------------------------------------------------- independent helpers
+def log_softmax_at(row, index):
+    """log softmax(row)[index] in float64 with plain Python: row is a list of floats."""
+    m = max(row)
+    return row[index] - (m + math.log(sum(math.exp(z - m) for z in row)))
+
+
+def brute_sequence_logps(logits, tokens, response_mask):
+    """Per row: sum over t >= 1 with response_mask[t] of log_softmax(logits[t - 1])[tokens[t]], Python loops."""
+    logits, tokens, response_mask = logits.double().tolist(), tokens.tolist(), response_mask.tolist()
+    out = []
+    for b in range(len(tokens)):
+        total = 0.0
+        for t in range(1, len(tokens[b])):
+            if response_mask[b][t]:
+                total += log_softmax_at(logits[b][t - 1], tokens[b][t])
+        out.append(total)
+    return out
+
+
+def log_sigmoid(z):
+    """log(1 / (1 + exp(-z))), written so neither branch overflows."""
+    return -math.log1p(math.exp(-z)) if z >= 0 else z - math.log1p(math.exp(z))
+
+
+def sigmoid(z):
+    return math.exp(log_sigmoid(z))
+
+
+def response_logp(model, prompt, response):
+    """log pi(response | prompt) of one unpadded sequence, in the model's dtype (float64 where used):
+    sum over the response positions of log_softmax(logits[t - 1])[token t]."""
+    seq = torch.tensor([prompt + response])
+    logps = torch.log_softmax(model(seq)[0].double(), dim=-1)  # (T, V)
+    return sum(logps[t - 1, seq[0, t]] for t in range(len(prompt), len(prompt) + len(response)))
+
+
+def tiny_gpt(vocab_size=50257, n_layer=1, n_embd=16, block_size=32, seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=vocab_size, n_layer=n_layer, n_head=2, n_embd=n_embd, block_size=block_size))
+
+
+def random_pairs(rng, n, vocab=1000, prompt_len=(1, 6), response_len=(1, 8)):
+    pairs = []
+    for _ in range(n):
+        prompt = [rng.randrange(vocab) for _ in range(rng.randint(*prompt_len))]
+        chosen = [rng.randrange(vocab) for _ in range(rng.randint(*response_len))]
+        rejected = [rng.randrange(vocab) for _ in range(rng.randint(*response_len))]
+        pairs.append(PreferencePair(prompt, chosen, rejected))
+    return pairs
+
+
+def save_sft_checkpoint(path, model):
+    common.save_checkpoint(path, {"kind": "sft", "model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
+                                  "config": {}, "step": 0})
+
+
+def write_jsonl(path, records):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+
+
+# ---------------------------------------------------------------------------- 1. the per-token gather
+def _gather_case(seed=0, B=4, T=12, V=23, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(B, T, V, generator=g, dtype=torch.float64) * 3).to(dtype)
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    response_mask = torch.zeros(B, T, dtype=torch.bool)
+    spans = []
+    for b in range(B):
+        start = 1 + b % 3  # prompt lengths 1..3
+        end = T - 2 * b  # right padding of 0, 2, 4, ... positions
+        response_mask[b, start:end] = True
+        spans.append((start, end))
+    return logits, tokens, response_mask, spans
+
+
+def test_sequence_logps_equals_brute_force_loop_in_float64():
+    logits, tokens, response_mask, _ = _gather_case()
+    got = dpo.sequence_logps(logits, tokens, response_mask)
+    assert got.shape == (4,)
+    assert got.dtype in (torch.float32, torch.float64)
+    expected = brute_sequence_logps(logits, tokens, response_mask)
+    torch.testing.assert_close(got.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+
+
+def test_prompt_and_padding_never_count():
+    logits, tokens, response_mask, spans = _gather_case(seed=1)
+    expected = brute_sequence_logps(logits, tokens, response_mask)
+    g = torch.Generator().manual_seed(7)
+    changed_logits, changed_tokens = logits.clone(), tokens.clone()
+    for b, (start, end) in enumerate(spans):
+        # only logits rows start-1 .. end-2 predict response tokens; everything else is prompt or padding
+        used_rows = set(range(start - 1, end - 1))
+        for t in range(logits.size(1)):
+            if t not in used_rows:
+                changed_logits[b, t] = torch.randn(logits.size(2), generator=g) * 1e3
+        changed_tokens[b, :start] = torch.randint(0, logits.size(2), (start,), generator=g)  # prompt tokens
+        changed_tokens[b, end:] = torch.randint(0, logits.size(2), (logits.size(1) - end,), generator=g)  # padding
+    got = dpo.sequence_logps(changed_logits, changed_tokens, response_mask)
+    torch.testing.assert_close(got.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+    # the first token has no prediction, so it never counts even if marked
+    marked_first = response_mask.clone()
+    marked_first[:, 0] = True
+    got = dpo.sequence_logps(logits, tokens, marked_first)
+    torch.testing.assert_close(got.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+
+
+def test_appending_masked_padding_changes_nothing():
+    logits, tokens, response_mask, _ = _gather_case(seed=2)
+    base = dpo.sequence_logps(logits, tokens, response_mask)
+    g = torch.Generator().manual_seed(3)
+    B, T, V = logits.shape
+    longer_logits = torch.cat([logits, torch.randn(B, 5, V, generator=g) * 50], dim=1)
+    longer_tokens = torch.cat([tokens, torch.randint(0, V, (B, 5), generator=g)], dim=1)
+    longer_mask = torch.cat([response_mask, torch.zeros(B, 5, dtype=torch.bool)], dim=1)
+    torch.testing.assert_close(dpo.sequence_logps(longer_logits, longer_tokens, longer_mask), base, rtol=0, atol=1e-6)
+
+
+def test_bf16_logits_give_float32_result_close_to_float64_loop():
+    # long rows and a wide vocabulary, so a log-softmax computed in bf16 (error ~1e-2 per token) would show
+    logits, tokens, response_mask, _ = _gather_case(seed=4, B=3, T=40, V=2000, dtype=torch.bfloat16)
+    got = dpo.sequence_logps(logits, tokens, response_mask)
+    assert got.dtype in (torch.float32, torch.float64)
+    expected = brute_sequence_logps(logits, tokens, response_mask)  # the bf16 values, exactly, in float64
+    torch.testing.assert_close(got.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=2e-4)
+
+
+# ---------------------------------------------------------------------------- 2. preference data
+def test_collate_rows_are_chosen_then_rejected_prompt_response_eot_right_padded():
+    pairs = [PreferencePair([11, 12, 13], [21, 22], [31, 32, 33, 34]),
+             PreferencePair([41], [51, 52, 53, 54, 55], [61]),
+             PreferencePair([71, 72], [81], [91, 92])]
+    tokens, response_mask = dpo.collate(pairs, max_length=32)
+    expected_rows = [p.prompt + p.chosen + [EOT] for p in pairs] + [p.prompt + p.rejected + [EOT] for p in pairs]
+    expected_spans = [(len(p.prompt), len(p.prompt) + len(p.chosen) + 1) for p in pairs] + \
+                     [(len(p.prompt), len(p.prompt) + len(p.rejected) + 1) for p in pairs]
+    width = max(len(r) for r in expected_rows)
+    assert tokens.shape == response_mask.shape == (6, width)
+    for i, (row, (start, end)) in enumerate(zip(expected_rows, expected_spans)):
+        assert tokens[i, :len(row)].tolist() == row
+        mask_row = response_mask[i].tolist()
+        for t in range(width):
+            assert bool(mask_row[t]) == (start <= t < end), (i, t)  # response + EOT only; never prompt or padding
+        assert tokens[i, end - 1] == EOT and mask_row[end - 1]
+
+
+def test_collate_keeps_prompt_whole_and_cuts_long_response_keeping_eot():
+    prompt, long_response, short = list(range(100, 105)), list(range(200, 250)), [300, 301]
+    max_length = 16
+    tokens, response_mask = dpo.collate([PreferencePair(prompt, long_response, short)], max_length=max_length)
+    room = max_length - len(prompt) - 1
+    chosen_row = prompt + long_response[:room] + [EOT]
+    assert len(chosen_row) == max_length and tokens.shape[1] == max_length
+    assert tokens[0].tolist() == chosen_row
+    assert response_mask[0].tolist() == [False] * len(prompt) + [True] * (room + 1)
+    rejected_row = prompt + short + [EOT]
+    assert tokens[1, :len(rejected_row)].tolist() == rejected_row
+    assert response_mask[1].tolist() == [False] * 5 + [True] * 3 + [False] * (max_length - 8)
+
+
+def test_read_pairs_tokenizes_prompt_and_response_separately(tmp_path):
+    enc = get_encoding()
+    prompt, chosen, rejected = "I think ", "it was great", "itself"
+    # the boundary matters: BPE of the concatenation differs from the concatenation of BPEs
+    assert enc.encode_ordinary(prompt + chosen) != enc.encode_ordinary(prompt) + enc.encode_ordinary(chosen)
+    path = tmp_path / "pairs.jsonl"
+    write_jsonl(path, [{"prompt": prompt, "chosen": chosen, "rejected": rejected}])
+    (pair,) = dpo.read_pairs(str(path), max_length=64)
+    assert pair.prompt == enc.encode_ordinary(prompt)
+    assert pair.chosen == enc.encode_ordinary(chosen)
+    assert pair.rejected == enc.encode_ordinary(rejected)
+
+
+def test_ids_fields_take_precedence_over_text(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    write_jsonl(path, [{"prompt": "Hello", "chosen": "a", "rejected": "b",
+                        "prompt_ids": [5, 6], "chosen_ids": [7, EOT], "rejected_ids": [9]},
+                       {"prompt": "Hello", "chosen_ids": [1, 2, 3], "rejected": " world"}])
+    first, second = dpo.read_pairs(str(path), max_length=64)
+    assert (first.prompt, first.chosen, first.rejected) == ([5, 6], [7, EOT], [9])
+    enc = get_encoding()
+    assert (second.prompt, second.chosen, second.rejected) == (enc.encode_ordinary("Hello"), [1, 2, 3], enc.encode_ordinary(" world"))
+
+
+GOOD = {"prompt": "The film", "chosen": " was wonderful", "rejected": " was dull"}
+BAD_LINES = [  # (line, words the message must contain)
+    ('{"prompt": "x", "chosen": "y", ', ["json"]),
+    (json.dumps({"prompt": "x", "chosen": "y"}), ["missing", "rejected"]),
+    (json.dumps({"chosen": "y", "rejected": "z"}), ["missing", "prompt"]),
+    (json.dumps({"prompt": "", "chosen": "y", "rejected": "z"}), ["prompt", "empty"]),
+    (json.dumps({"prompt": "x", "chosen": "", "rejected": "z"}), ["chosen", "empty"]),
+    (json.dumps({"prompt": "x", "chosen": "y", "rejected": ""}), ["rejected", "empty"]),
+    (json.dumps({"prompt": "x", "chosen": " same", "rejected": " same"}), ["same"]),
+    (json.dumps({"prompt": " word" * 40, "chosen": "y", "rejected": "z"}), ["prompt", "length"]),
+]
+
+
+@pytest.mark.parametrize("bad_line,words", BAD_LINES, ids=["malformed_json", "missing_rejected", "missing_prompt",
+                                                           "empty_prompt", "empty_chosen", "empty_rejected",
+                                                           "chosen_equals_rejected", "prompt_too_long"])
+def test_bad_line_raises_user_error_with_path_line_and_problem(tmp_path, bad_line, words):
+    path = tmp_path / "pairs.jsonl"
+    write_jsonl(path, [GOOD, "", GOOD, bad_line, GOOD])  # the bad line is line 4 (blank lines still count)
+    with pytest.raises(common.UserError) as info:
+        dpo.read_pairs(str(path), max_length=32)
+    message = str(info.value)
+    assert str(path) in message and ":4" in message, message
+    for word in words:
+        assert word in message.lower(), message
+
+
+def test_skip_bad_returns_only_the_good_pairs(tmp_path):
+    enc = get_encoding()
+    goods = [{"prompt": f"Prompt {i}", "chosen": f" good {i}", "rejected": f" bad {i}"} for i in range(3)]
+    lines = [goods[0]] + [b for b, _ in BAD_LINES[:4]] + [goods[1]] + [b for b, _ in BAD_LINES[4:]] + [goods[2]]
+    path = tmp_path / "pairs.jsonl"
+    write_jsonl(path, lines)
+    pairs = dpo.read_pairs(str(path), max_length=32, skip_bad=True)
+    assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [
+        (enc.encode_ordinary(g["prompt"]), enc.encode_ordinary(g["chosen"]), enc.encode_ordinary(g["rejected"])) for g in goods]
+
+
+# ---------------------------------------------------------------------------- 3. at initialisation
+def test_loss_is_ln2_when_policy_equals_reference():
+    policy = tiny_gpt()
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    pairs = random_pairs(random.Random(0), 5, vocab=50257, prompt_len=(1, 7), response_len=(1, 9))
+    tokens, response_mask = dpo.collate(pairs, max_length=32)
+    assert (~response_mask[:, -1]).any(), "the batch should hold right padding"
+    policy_chosen, policy_rejected = dpo.concatenated_logps(policy, tokens, response_mask)
+    with torch.no_grad():
+        ref_chosen, ref_rejected = dpo.concatenated_logps(reference, tokens, response_mask)
+    for beta in (0.1, 0.5):
+        losses, chosen_rewards, rejected_rewards = dpo.dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+        assert losses.shape == (5,)
+        for loss in losses.tolist():
+            assert loss == pytest.approx(LN2, abs=1e-7)
+        assert chosen_rewards.abs().max().item() == 0.0
+        assert rejected_rewards.abs().max().item() == 0.0
+
+
+# ---------------------------------------------------------------------------- 4. the gradient
+def test_gradient_matches_paper_form():
+    """grad L = -beta E[sigma(r_l - r_w) (grad log pi(y_w|x) - grad log pi(y_l|x))], r = beta log(pi / pi_ref)."""
+    beta = 0.5
+    reference = tiny_gpt(seed=1).double().eval().requires_grad_(False)
+    policy = copy.deepcopy(reference).requires_grad_(True)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+    pairs = random_pairs(random.Random(1), 3, vocab=50257, prompt_len=(1, 5), response_len=(1, 6))
+
+    # the code: one concatenated, right-padded forward pass and autograd through the DPO loss
+    tokens, response_mask = dpo.collate(pairs, max_length=32)
+    policy_chosen, policy_rejected = dpo.concatenated_logps(policy, tokens, response_mask)
+    with torch.no_grad():
+        ref_chosen, ref_rejected = dpo.concatenated_logps(reference, tokens, response_mask)
+    losses, _, _ = dpo.dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+    params = list(policy.parameters())
+    got = torch.autograd.grad(losses.mean(), params)
+
+    # the paper's form, each sequence alone (no padding), in float64
+    expected = [torch.zeros_like(p) for p in params]
+    margins = []
+    for pair in pairs:
+        chosen, rejected = pair.chosen + [EOT], pair.rejected + [EOT]
+        logp_w, logp_l = response_logp(policy, pair.prompt, chosen), response_logp(policy, pair.prompt, rejected)
+        grad_w = torch.autograd.grad(logp_w, params)
+        grad_l = torch.autograd.grad(logp_l, params)
+        with torch.no_grad():
+            r_w = beta * (logp_w.item() - response_logp(reference, pair.prompt, chosen).item())
+            r_l = beta * (logp_l.item() - response_logp(reference, pair.prompt, rejected).item())
+        margins.append(r_w - r_l)
+        weight = -beta * sigmoid(r_l - r_w) / len(pairs)
+        for e, gw, gl in zip(expected, grad_w, grad_l):
+            e += weight * (gw - gl)
+    assert max(abs(m) for m in margins) > 0.05, "the perturbed policy should differ from the reference"
+    flat_got, flat_expected = torch.cat([t.flatten() for t in got]), torch.cat([t.flatten() for t in expected])
+    assert flat_expected.norm() > 0
+    assert (flat_got.double() - flat_expected).norm() <= 1e-5 * flat_expected.norm()
+
+
+# ---------------------------------------------------------------------------- 5. Z(x) cancels (Eq. 6)
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
+def test_partition_function_cancels(loss_type):
+    g = torch.Generator().manual_seed(5)
+    pc, pr, rc, rr = (torch.randn(8, generator=g, dtype=torch.float64) * 3 - 20 for _ in range(4))
+    c = torch.randn(8, generator=g, dtype=torch.float64) * 10  # a different c(x) for every prompt
+    for beta in (0.1, 0.7):
+        losses, chosen_rewards, rejected_rewards = dpo.dpo_loss(pc, pr, rc, rr, beta, loss_type=loss_type)
+        shifted, shifted_chosen, shifted_rejected = dpo.dpo_loss(pc + c / beta, pr + c / beta, rc, rr, beta, loss_type=loss_type)
+        torch.testing.assert_close(shifted, losses, rtol=1e-10, atol=1e-10)
+        # the rewards themselves move by c(x): only their difference is identified
+        torch.testing.assert_close(shifted_chosen, chosen_rewards + c, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(shifted_rejected, rejected_rewards + c, rtol=1e-10, atol=1e-10)
+        for i in range(8):
+            d = (pc[i].item() - rc[i].item()) - (pr[i].item() - rr[i].item())
+            expected = {"sigmoid": -log_sigmoid(beta * d), "ipo": (d - 1 / (2 * beta)) ** 2,
+                        "hinge": max(0.0, 1 - beta * d)}[loss_type]
+            assert shifted[i].item() == pytest.approx(expected, rel=1e-9, abs=1e-9)
+
+
+# ---------------------------------------------------------------------------- 6. the closed-form optimum (Eq. 4)
+@pytest.mark.parametrize("beta", [0.5, 2.0])
+def test_dpo_optimum_is_gibbs_policy_on_bandit(beta):
+    """One prompt, K responses, exact Bradley-Terry preferences: the minimiser of the population DPO loss
+    is pi*(y) = pi_ref(y) exp(r(y) / beta) / Z."""
+    K = 5
+    g = torch.Generator().manual_seed(11)
+    ref_logp = torch.log_softmax(torch.randn(K, generator=g, dtype=torch.float64), 0)
+    r = torch.randn(K, generator=g, dtype=torch.float64) * 1.5
+    chosen_idx, rejected_idx = zip(*[(i, j) for i in range(K) for j in range(K) if i != j])
+    chosen_idx, rejected_idx = torch.tensor(chosen_idx), torch.tensor(rejected_idx)
+    p_prefer = torch.sigmoid(r[chosen_idx] - r[rejected_idx])  # Bradley-Terry p(i > j)
+    theta = torch.nn.Parameter(torch.zeros(K, dtype=torch.float64))
+
+    def population_loss():
+        logp = torch.log_softmax(theta, 0)
+        losses, _, _ = dpo.dpo_loss(logp[chosen_idx], logp[rejected_idx], ref_logp[chosen_idx], ref_logp[rejected_idx], beta)
+        return (p_prefer * losses).sum() / len(chosen_idx)  # uniform weight over ordered pairs
+
+    optimizer = torch.optim.LBFGS([theta], lr=1, max_iter=500, tolerance_grad=1e-14, tolerance_change=1e-16,
+                                  history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = population_loss()
+        loss.backward()
+        return loss
+
+    for _ in range(5):
+        optimizer.step(closure)
+    pi = torch.softmax(theta.detach(), 0)
+    unnormalised = [math.exp(ref_logp[y].item() + r[y].item() / beta) for y in range(K)]
+    pi_star = [u / sum(unnormalised) for u in unnormalised]
+    assert max(abs(a - b) for a, b in zip(pi.tolist(), pi_star)) < 1e-4, (pi.tolist(), pi_star)
+    assert max(pi_star) - min(pi_star) > 0.1  # the optimum is far from where the search starts
+
+
+# ---------------------------------------------------------------------------- 7. the loss family
+@pytest.mark.parametrize("beta", [0.1, 1.0, 3.0])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1, 0.3])
+def test_conservative_dpo_matches_formula(beta, label_smoothing):
+    g = torch.Generator().manual_seed(3)
+    pc, pr, rc, rr = (torch.randn(16, generator=g, dtype=torch.float64) * 4 for _ in range(4))
+    losses, chosen_rewards, rejected_rewards = dpo.dpo_loss(pc, pr, rc, rr, beta, label_smoothing=label_smoothing)
+    for i in range(16):
+        d = (pc[i].item() - rc[i].item()) - (pr[i].item() - rr[i].item())
+        expected = -(1 - label_smoothing) * math.log(1 / (1 + math.exp(-beta * d))) \
+            - label_smoothing * math.log(1 / (1 + math.exp(beta * d)))
+        assert losses[i].item() == pytest.approx(expected, rel=1e-10, abs=1e-12)
+        assert chosen_rewards[i].item() == pytest.approx(beta * (pc[i].item() - rc[i].item()), rel=1e-12, abs=1e-12)
+        assert rejected_rewards[i].item() == pytest.approx(beta * (pr[i].item() - rr[i].item()), rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("beta", [0.1, 1.0, 3.0])
+def test_ipo_and_hinge_match_formulas(beta):
+    g = torch.Generator().manual_seed(4)
+    pc, pr, rc, rr = (torch.randn(16, generator=g, dtype=torch.float64) * 4 for _ in range(4))
+    ipo, _, _ = dpo.dpo_loss(pc, pr, rc, rr, beta, loss_type="ipo")
+    hinge, _, _ = dpo.dpo_loss(pc, pr, rc, rr, beta, loss_type="hinge")
+    n_active = 0
+    for i in range(16):
+        d = (pc[i].item() - rc[i].item()) - (pr[i].item() - rr[i].item())
+        assert ipo[i].item() == pytest.approx((d - 1 / (2 * beta)) ** 2, rel=1e-10, abs=1e-12)
+        assert hinge[i].item() == pytest.approx(max(0.0, 1 - beta * d), rel=1e-10, abs=1e-12)
+        n_active += 1 - beta * d > 0
+    assert 0 < n_active < 16  # both sides of the hinge are exercised
+
+
+def test_rewards_are_detached():
+    pc, pr = torch.tensor([-3.0, -2.0], requires_grad=True), torch.tensor([-4.0, -1.0], requires_grad=True)
+    losses, chosen_rewards, rejected_rewards = dpo.dpo_loss(pc, pr, torch.tensor([-3.5, -2.5]), torch.tensor([-3.0, -1.5]), 0.2)
+    assert losses.requires_grad
+    assert not chosen_rewards.requires_grad and not rejected_rewards.requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+def test_extreme_margins_stay_finite(dtype, loss_type, label_smoothing):
+    if loss_type != "sigmoid" and label_smoothing:
+        pytest.skip("label smoothing belongs to the sigmoid loss")
+    for beta in (0.1, 1.0):
+        d = torch.tensor([1e4, -1e4], dtype=dtype)
+        pc = torch.zeros(2, dtype=dtype, requires_grad=True)
+        losses, chosen_rewards, rejected_rewards = dpo.dpo_loss(pc + d, torch.zeros(2, dtype=dtype), torch.zeros(2, dtype=dtype),
+                                                                torch.zeros(2, dtype=dtype), beta, label_smoothing, loss_type)
+        losses.sum().backward()
+        assert torch.isfinite(losses).all() and torch.isfinite(pc.grad).all()
+        assert torch.isfinite(chosen_rewards).all() and torch.isfinite(rejected_rewards).all()
+        big = beta * 1e4
+        expected = {"sigmoid": [label_smoothing * big, (1 - label_smoothing) * big],  # -log sigma(z) -> max(0, -z)
+                    "ipo": [(1e4 - 1 / (2 * beta)) ** 2, (-1e4 - 1 / (2 * beta)) ** 2],
+                    "hinge": [0.0, 1 + big]}[loss_type]
+        assert losses[0].item() == pytest.approx(expected[0], rel=1e-6, abs=1e-30)
+        assert losses[1].item() == pytest.approx(expected[1], rel=1e-6)
+        if loss_type == "sigmoid":  # the gradient saturates at -beta * (1 - eps) or +beta * eps, never NaN
+            assert pc.grad[0].item() == pytest.approx(-beta * -label_smoothing, abs=1e-6)
+            assert pc.grad[1].item() == pytest.approx(-beta * (1 - label_smoothing), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------- 8. the trainer
+TEXT_PAIRS = [
+    {"prompt": "The movie", "chosen": " was a joy to watch.", "rejected": " was bad."},
+    {"prompt": "I thought the acting", "chosen": " was superb", "rejected": " felt wooden and stiff throughout"},
+    {"prompt": "Honestly,", "chosen": " a masterpiece of its kind.", "rejected": " a mess."},
+    {"prompt": "The plot of this film", "chosen": " kept me guessing", "rejected": " made no sense at all"},
+    {"prompt": "Its soundtrack", "chosen": " is lovely", "rejected": " is grating and loud"},
+    {"prompt": "Overall", "chosen": " I would watch it again tomorrow.", "rejected": " skip it."},
+    {"prompt": "The director", "chosen": " knows her craft", "rejected": " should retire"},
+    {"prompt": "As a comedy it", "chosen": " is very funny", "rejected": " is not funny"},
+]
+
+
+@pytest.fixture(scope="module")
+def trainer_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dpo_trainer")
+    sft, pairs = str(root / "sft.pt"), str(root / "pairs.jsonl")
+    save_sft_checkpoint(sft, tiny_gpt(seed=3))
+    write_jsonl(pairs, TEXT_PAIRS)
+    return root, sft, pairs
+
+
+def trainer_config(sft, pairs, out, **overrides):
+    values = dict(sft=sft, pairs=pairs, out=out, device="cpu", optimizer="adamw", lr=1e-3, warmup_steps=1, batch_size=4,
+                  micro_batch_size=2, max_steps=5, log_interval=1, eval_interval=1000, save_interval=1000, beta=0.1)
+    values.update(overrides)
+    cfg = DPOConfig(**values)
+    cfg.validate()
+    return cfg
+
+
+def logged_losses(out):
+    with open(os.path.join(out, "dpo_log.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [(row["step"], row["loss"]) for row in rows if "loss" in row]
+
+
+@pytest.fixture(scope="module")
+def live_run(trainer_files):
+    root, sft, pairs = trainer_files
+    out = str(root / "live")
+    dpo.train_dpo(trainer_config(sft, pairs, out, precompute_ref=False))
+    return out
+
+
+def test_precomputed_reference_gives_same_losses_as_live_reference(trainer_files, live_run):
+    root, sft, pairs = trainer_files
+    out = str(root / "precomputed")
+    dpo.train_dpo(trainer_config(sft, pairs, out, precompute_ref=True))
+    live, precomputed = logged_losses(live_run), logged_losses(out)
+    assert [s for s, _ in live] == [s for s, _ in precomputed] == [1, 2, 3, 4, 5]
+    assert live[0][1] == pytest.approx(LN2, abs=1e-6)  # policy == reference at the first step
+    assert abs(live[-1][1] - LN2) > 1e-4, "training should move the loss away from ln 2"
+    for (_, a), (_, b) in zip(live, precomputed):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+
+
+def test_resumed_run_equals_uninterrupted_run(trainer_files, live_run):
+    root, sft, pairs = trainer_files
+    out = str(root / "resumed")
+    dpo.train_dpo(trainer_config(sft, pairs, out, max_steps=3))
+    dpo.train_dpo(trainer_config(sft, pairs, out, max_steps=5))
+    assert [s for s, _ in logged_losses(out)] == [1, 2, 3, 4, 5]
+    for (_, a), (_, b) in zip(logged_losses(out), logged_losses(live_run)):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-7)
+    resumed = common.load_checkpoint(os.path.join(out, "dpo.pt"), kind="dpo")
+    uninterrupted = common.load_checkpoint(os.path.join(live_run, "dpo.pt"), kind="dpo")
+    assert resumed["step"] == uninterrupted["step"] == 5
+    initial = torch.load(sft, weights_only=True)["model"]
+    assert any(not torch.equal(initial[k], uninterrupted["model"][k]) for k in initial)
+    for name, tensor in uninterrupted["model"].items():
+        torch.testing.assert_close(resumed["model"][name], tensor, rtol=0, atol=1e-7, msg=name)
+
+
+def test_resume_with_a_different_config_is_refused(trainer_files, live_run):
+    _, sft, pairs = trainer_files
+    with pytest.raises(common.UserError, match="beta"):
+        dpo.train_dpo(trainer_config(sft, pairs, live_run, beta=0.2, max_steps=6))
+
+
+# ---------------------------------------------------------------------------- 9. end to end on a toy task
+TOY_VOCAB = list(range(10))  # a ten-token language; the reward is how often token 7 appears
+REWARDED = 7
+
+
+def toy_reward(response):
+    return sum(1 for t in response if t == REWARDED)
+
+
+def toy_sequence(rng, length):
+    return [rng.choice(TOY_VOCAB) for _ in range(length)]
+
+
+def toy_pairs(rng, n):
+    pairs = []
+    while len(pairs) < n:
+        prompt, a, b = toy_sequence(rng, 2), toy_sequence(rng, 6), toy_sequence(rng, 6)
+        if toy_reward(a) != toy_reward(b):
+            chosen, rejected = (a, b) if toy_reward(a) > toy_reward(b) else (b, a)
+            pairs.append(PreferencePair(prompt, chosen, rejected))
+    return pairs
+
+
+def sft_on_toy_language(model, steps=150, seed=0):
+    """Teach the tiny GPT the toy language (two-token prompt, six uniform tokens, end of text)."""
+    rng = random.Random(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        batch = torch.tensor([toy_sequence(rng, 8) + [EOT] for _ in range(32)])
+        logits = model(batch[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def mean_sample_reward(model, prompts, seed):
+    generator = torch.Generator().manual_seed(seed)
+    completions = sample.generate(model.eval(), prompts, max_new_tokens=8, generator=generator)
+    return sum(toy_reward(c) for c in completions) / len(completions)
+
+
+def implicit_reward_accuracy(policy, reference, pairs, beta):
+    """Fraction of pairs where beta * log(pi / pi_ref) ranks chosen above rejected (float64, one sequence at a time)."""
+    policy, reference = copy.deepcopy(policy).double().eval(), copy.deepcopy(reference).double().eval()
+    correct = 0
+    with torch.no_grad():
+        for pair in pairs:
+            rewards = [beta * (response_logp(policy, pair.prompt, y + [EOT]) - response_logp(reference, pair.prompt, y + [EOT]))
+                       for y in (pair.chosen, pair.rejected)]
+            correct += rewards[0].item() > rewards[1].item()
+    return correct / len(pairs)
+
+
+def test_dpo_raises_reward_of_samples_on_toy_task(tmp_path):
+    torch.manual_seed(0)
+    reference = sft_on_toy_language(tiny_gpt(n_layer=1, n_embd=32, block_size=16, seed=0))
+    sft = str(tmp_path / "sft.pt")
+    save_sft_checkpoint(sft, reference)
+    rng = random.Random(1)
+    train_pairs, held_out = toy_pairs(rng, 128), toy_pairs(rng, 64)
+    beta = 0.1
+    cfg = trainer_config(sft, str(tmp_path / "unused.jsonl"), str(tmp_path / "dpo"), beta=beta, lr=2e-3, batch_size=16,
+                         micro_batch_size=16, max_steps=30, log_interval=10)
+    policy = common.load_model(dpo.train_dpo(cfg, pairs=train_pairs))
+
+    prompts = [toy_sequence(random.Random(2), 2) for _ in range(256)]
+    before, after = mean_sample_reward(reference, prompts, seed=3), mean_sample_reward(policy, prompts, seed=3)
+    assert 0.3 < before < 1.2, f"the SFT model should write the toy language (reward {before})"
+    assert after > before + 0.5, f"mean reward of samples: reference {before:.3f}, policy {after:.3f}"
+    accuracy = implicit_reward_accuracy(policy, reference, held_out, beta)
+    assert accuracy >= 0.75, f"implicit-reward accuracy on held-out pairs {accuracy:.3f}"

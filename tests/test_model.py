@@ -1,0 +1,308 @@
+"""GPT-2 decoder: KV cache, left padding, causality, the tied head, and GPT-2 weight loading checked
+against a float64 NumPy forward pass written from the raw tensors."""
+import json
+import math
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from model import GPT, GPTConfig, KVCache
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def tiny_model(seed=0, vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=32):
+    """A small GPT whose weights are large enough that logits are O(1): a wrong mask, position or
+    cache entry then moves the logits far beyond the tolerance."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif p.dim() == 1:
+                p.copy_(0.1 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / math.sqrt(p.shape[-1]))
+    return model.eval()
+
+
+def random_tokens(n, vocab_size, seed):
+    return torch.randint(0, vocab_size, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------- forward, cache, padding
+def test_forward_returns_logits_for_every_position():
+    model = tiny_model()
+    idx = torch.randint(0, 101, (3, 7))
+    assert model(idx).shape == (3, 7, 101)
+
+
+def test_lm_head_is_tied_to_token_embedding():
+    model = tiny_model()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    with torch.no_grad():
+        model.transformer.wte.weight[5].fill_(0.25)
+    assert torch.all(model.lm_head.weight[5] == 0.25)
+
+
+def test_sequence_longer_than_block_size_raises_value_error():
+    model = tiny_model(block_size=16)
+    model(torch.zeros(1, 16, dtype=torch.long))  # exactly the context is fine
+    with pytest.raises(ValueError, match="16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    cache = KVCache(model.config, 1, 32, "cpu", torch.float32)
+    model(torch.zeros(1, 15, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError):
+        model(torch.zeros(1, 2, dtype=torch.long), cache=cache)  # 15 cached + 2 new > 16
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["no_mask", "with_mask"])
+def test_changing_a_future_token_never_changes_earlier_logits(padded):
+    model = tiny_model()
+    T = 10
+    idx = random_tokens(T, 101, seed=1)[None]
+    mask = torch.ones(1, T, dtype=torch.long) if padded else None
+    with torch.no_grad():
+        base = model(idx, attention_mask=mask)
+        for t in range(T):
+            changed = idx.clone()
+            changed[0, t] = (changed[0, t] + 7) % 101
+            logits = model(changed, attention_mask=mask)
+            torch.testing.assert_close(logits[:, :t], base[:, :t], rtol=0, atol=1e-6)
+            assert (logits[:, t] - base[:, t]).abs().max() > 1e-2  # the changed position itself does move
+
+
+def test_kv_cache_decoding_matches_full_forward():
+    model = tiny_model()
+    T = 14
+    idx = random_tokens(T, 101, seed=2)[None]
+    with torch.no_grad():
+        full = model(idx)
+        cache = KVCache(model.config, 1, T, "cpu", torch.float32)
+        pieces = [model(idx[:, :5], cache=cache)]  # prefill
+        pieces += [model(idx[:, t:t + 1], cache=cache) for t in range(5, 10)]  # one token at a time
+        pieces.append(model(idx[:, 10:], cache=cache))  # several new tokens after a prefill
+    assert cache.length == T
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, **TOL)
+
+
+def left_padded(rows, pad_seed=0):
+    """Rows flush right; the padding holds random token ids, which the mask must hide."""
+    width = max(len(r) for r in rows)
+    ids = torch.randint(0, 101, (len(rows), width), generator=torch.Generator().manual_seed(pad_seed))
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def test_left_padded_batch_matches_each_row_run_alone():
+    model = tiny_model()
+    rows = [random_tokens(n, 101, seed=10 + n) for n in (9, 4, 1, 6)]
+    ids, mask = left_padded(rows)
+    with torch.no_grad():
+        batched = model(ids, attention_mask=mask)
+        for i, row in enumerate(rows):
+            alone = model(row[None])[0]
+            torch.testing.assert_close(batched[i, ids.shape[1] - len(row):], alone, **TOL)
+
+
+def test_left_padded_kv_cache_decoding_matches_each_row_run_alone():
+    model = tiny_model()
+    prompts = [random_tokens(n, 101, seed=20 + n) for n in (7, 2, 5)]
+    continuation = torch.randint(0, 101, (3, 6), generator=torch.Generator().manual_seed(3))  # teacher-forced
+    ids, mask = left_padded(prompts, pad_seed=4)
+    width = ids.shape[1]
+    with torch.no_grad():
+        cache = KVCache(model.config, 3, width + 6, "cpu", torch.float32)
+        steps = [model(ids, attention_mask=mask, cache=cache)[:, -1]]
+        for t in range(5):
+            mask = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], dim=1)
+            steps.append(model(continuation[:, t:t + 1], attention_mask=mask, cache=cache)[:, -1])
+        decoded = torch.stack(steps, dim=1)  # (B, 6, V): logits after the prompt and after each new token
+        for i, prompt in enumerate(prompts):
+            alone = model(torch.cat([prompt, continuation[i, :5]])[None])[0]  # (len + 5, V)
+            torch.testing.assert_close(decoded[i], alone[len(prompt) - 1:], **TOL)
+
+
+# ---------------------------------------------------------------------------- GPT-2 weights
+V, BLOCK, N_LAYER, N_EMBD, N_HEAD = 50, 16, 2, 128, 2  # GPT.from_pretrained infers 64-wide heads: 128 -> 2 heads
+
+
+def gpt2_tensors(seed=0):
+    """GPT-2's tensor names and layouts (Conv1D weights as (in, out)), random float32 values."""
+    rng = np.random.default_rng(seed)
+    C = N_EMBD
+
+    def w(*shape, scale=None):
+        return (rng.standard_normal(shape) * (scale or 1 / math.sqrt(shape[0]))).astype(np.float32)
+
+    t = {"wte.weight": w(V, C, scale=0.5), "wpe.weight": w(BLOCK, C, scale=0.5)}
+    for i in range(N_LAYER):
+        p = f"h.{i}."
+        t[p + "ln_1.weight"] = (1 + 0.1 * rng.standard_normal(C)).astype(np.float32)
+        t[p + "ln_1.bias"] = w(C, scale=0.1)
+        t[p + "attn.c_attn.weight"] = w(C, 3 * C)
+        t[p + "attn.c_attn.bias"] = w(3 * C, scale=0.1)
+        t[p + "attn.c_proj.weight"] = w(C, C)
+        t[p + "attn.c_proj.bias"] = w(C, scale=0.1)
+        t[p + "ln_2.weight"] = (1 + 0.1 * rng.standard_normal(C)).astype(np.float32)
+        t[p + "ln_2.bias"] = w(C, scale=0.1)
+        t[p + "mlp.c_fc.weight"] = w(C, 4 * C)
+        t[p + "mlp.c_fc.bias"] = w(4 * C, scale=0.1)
+        t[p + "mlp.c_proj.weight"] = w(4 * C, C)
+        t[p + "mlp.c_proj.bias"] = w(C, scale=0.1)
+    t["ln_f.weight"] = (1 + 0.1 * rng.standard_normal(C)).astype(np.float32)
+    t["ln_f.bias"] = w(C, scale=0.1)
+    return t
+
+
+def write_safetensors(path, tensors):
+    """The format by hand: 8-byte little-endian header length, JSON header, raw little-endian bytes."""
+    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, array in tensors.items():
+        blob = np.ascontiguousarray(array, dtype="<f4").tobytes()
+        header[name] = {"dtype": "F32", "shape": list(array.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+
+
+def reference_gpt2_logits(t, idx):
+    """GPT-2 forward in float64 NumPy from the raw tensors: pre-LN blocks, causal attention,
+    GELU (tanh), final LayerNorm and the head tied to wte. idx: list of token ids -> (T, V)."""
+    t = {k: v.astype(np.float64) for k, v in t.items()}
+    T, C = len(idx), N_EMBD
+    D = C // N_HEAD
+
+    def layernorm(x, g, b):
+        mu = x.mean(-1, keepdims=True)
+        var = ((x - mu) ** 2).mean(-1, keepdims=True)
+        return (x - mu) / np.sqrt(var + 1e-5) * g + b
+
+    def gelu(x):
+        return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+    x = t["wte.weight"][idx] + t["wpe.weight"][:T]
+    for i in range(N_LAYER):
+        p = f"h.{i}."
+        h = layernorm(x, t[p + "ln_1.weight"], t[p + "ln_1.bias"])
+        qkv = h @ t[p + "attn.c_attn.weight"] + t[p + "attn.c_attn.bias"]
+        q, k, v = qkv[:, :C], qkv[:, C:2 * C], qkv[:, 2 * C:]
+        y = np.zeros((T, C))
+        for head in range(N_HEAD):
+            s = slice(head * D, (head + 1) * D)
+            for query in range(T):
+                scores = np.array([q[query, s] @ k[key, s] / math.sqrt(D) for key in range(query + 1)])
+                weights = np.exp(scores - scores.max())
+                weights /= weights.sum()
+                y[query, s] = weights @ v[:query + 1, s]
+        x = x + y @ t[p + "attn.c_proj.weight"] + t[p + "attn.c_proj.bias"]
+        h = layernorm(x, t[p + "ln_2.weight"], t[p + "ln_2.bias"])
+        x = x + gelu(h @ t[p + "mlp.c_fc.weight"] + t[p + "mlp.c_fc.bias"]) @ t[p + "mlp.c_proj.weight"] + t[p + "mlp.c_proj.bias"]
+    x = layernorm(x, t["ln_f.weight"], t["ln_f.bias"])
+    return x @ t["wte.weight"].T
+
+
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+@pytest.mark.parametrize("prefix,buffers", [("", False), ("transformer.", True)], ids=["plain", "hf_prefix_and_mask_buffers"])
+def test_gpt2_weights_load_one_to_one_from_safetensors(tmp_path, prefix, buffers):
+    src = gpt2_tensors()
+    on_disk = {prefix + k: v for k, v in src.items()}
+    if buffers:  # HF checkpoints carry the causal-mask buffers, which are not parameters
+        for i in range(N_LAYER):
+            on_disk[f"{prefix}h.{i}.attn.bias"] = np.tril(np.ones((1, 1, BLOCK, BLOCK), np.float32))
+            on_disk[f"{prefix}h.{i}.attn.masked_bias"] = np.array([-1e4], np.float32)
+    path = tmp_path / "model.safetensors"
+    write_safetensors(path, on_disk)
+
+    model = GPT.from_pretrained(str(path))
+    c = model.config
+    assert (c.vocab_size, c.block_size, c.n_layer, c.n_head, c.n_embd) == (V, BLOCK, N_LAYER, N_HEAD, N_EMBD)
+    checked = set()
+    for name, param in model.named_parameters():
+        key = name.removeprefix("transformer.")
+        expected = src[key].T if key.endswith(CONV1D) else src[key]
+        assert tuple(param.shape) == expected.shape, name
+        assert np.array_equal(param.detach().numpy(), expected), name
+        checked.add(key)
+    assert checked == set(src)  # every GPT-2 tensor landed in some parameter
+    assert np.array_equal(model.lm_head.weight.detach().numpy(), src["wte.weight"])
+
+
+def test_loaded_gpt2_logits_match_float64_reference_forward(tmp_path):
+    src = gpt2_tensors(seed=1)
+    path = tmp_path / "model.safetensors"
+    write_safetensors(path, src)
+    model = GPT.from_pretrained(str(path)).eval()
+    idx = [int(i) for i in np.random.default_rng(2).integers(0, V, size=BLOCK)]
+    expected = reference_gpt2_logits(src, idx)
+    assert np.abs(expected).max() > 1.0  # logits large enough that the comparison means something
+    with torch.no_grad():
+        logits = model(torch.tensor([idx]))[0].double().numpy()
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gpt2_tensor_of_wrong_shape_raises_value_error_naming_it(tmp_path):
+    src = gpt2_tensors()
+    src["h.1.mlp.c_fc.bias"] = src["h.1.mlp.c_fc.bias"][:100]
+    path = tmp_path / "model.safetensors"
+    write_safetensors(path, src)
+    with pytest.raises(ValueError, match=r"h\.1\.mlp\.c_fc\.bias.*shape"):
+        GPT.from_pretrained(str(path))
+
+
+def test_gpt2_conv1d_weight_stored_as_linear_raises_value_error(tmp_path):
+    src = gpt2_tensors()
+    src["h.0.attn.c_attn.weight"] = np.ascontiguousarray(src["h.0.attn.c_attn.weight"].T)  # (out, in)
+    path = tmp_path / "model.safetensors"
+    write_safetensors(path, src)
+    with pytest.raises(ValueError, match=r"h\.0\.attn\.c_attn\.weight"):
+        GPT.from_pretrained(str(path))
+
+
+def test_gpt2_file_missing_a_tensor_raises_value_error_naming_it(tmp_path):
+    src = gpt2_tensors()
+    del src["h.1.ln_2.bias"]
+    path = tmp_path / "model.safetensors"
+    write_safetensors(path, src)
+    with pytest.raises(ValueError, match=r"h\.1\.ln_2\.bias"):
+        GPT.from_pretrained(str(path))
+
+
+def gptj_like_tensors():
+    """A foreign decoder with GPT-2-like names but rotary positions: no wpe, other attention names."""
+    rng = np.random.default_rng(0)
+    t = {"transformer.wte.weight": rng.standard_normal((V, 64)).astype(np.float32)}
+    for name in ("ln_1.weight", "ln_1.bias", "attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight",
+                 "attn.out_proj.weight", "mlp.fc_in.weight", "mlp.fc_out.weight"):
+        t[f"transformer.h.0.{name}"] = rng.standard_normal(64).astype(np.float32)
+    t["transformer.ln_f.weight"] = rng.standard_normal(64).astype(np.float32)
+    t["lm_head.weight"] = rng.standard_normal((V, 64)).astype(np.float32)
+    return t
+
+
+@pytest.mark.parametrize("kind", ["no_wte", "gptj_like", "not_safetensors", "truncated"])
+def test_foreign_or_damaged_weight_file_raises_value_error_naming_the_file(tmp_path, kind):
+    path = tmp_path / "weights.safetensors"
+    if kind == "no_wte":
+        write_safetensors(path, {"encoder.embed_tokens.weight": np.ones((V, 8), np.float32)})
+    elif kind == "gptj_like":
+        write_safetensors(path, gptj_like_tensors())
+    elif kind == "not_safetensors":
+        path.write_bytes(b"this is a text file, not a tensor file\n" * 20)
+    else:
+        write_safetensors(path, gpt2_tensors())
+        raw = path.read_bytes()
+        path.write_bytes(raw[:len(raw) // 2])
+    with pytest.raises(ValueError, match="weights.safetensors"):
+        GPT.from_pretrained(str(path))

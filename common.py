@@ -14,6 +14,8 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 class UserError(Exception):
@@ -93,6 +95,71 @@ def peak_flops(device):
     return None
 
 
+# ---------------------------------------------------------------------------- data parallel (torchrun)
+# A plain `python script.py` is one process (world size 1) and none of this changes anything.
+# Under `torchrun --nproc_per_node=N`, each process takes a slice of every global batch and of the
+# prompts it samples, DistributedDataParallel averages the gradients, and only rank 0 writes.
+def setup_device(name="auto"):
+    """pick_device, plus joining the process group when started by torchrun."""
+    device = pick_device(name)
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if dist.is_initialized() and device.startswith("cuda"):
+        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+        torch.cuda.set_device(device)
+    return device
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main():
+    return rank() == 0
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def local_slice(items):
+    """This rank's share of a global batch or prompt list: items[rank::world_size]."""
+    return items[rank()::world_size()]
+
+
+def gather(local_items):
+    """Inverse of local_slice: every rank gets the full list back in its original order."""
+    if not dist.is_initialized():
+        return list(local_items)
+    shards = [None] * world_size()
+    dist.all_gather_object(shards, list(local_items))
+    total = sum(len(s) for s in shards)
+    return [shards[i % len(shards)][i // len(shards)] for i in range(total)]
+
+
+def data_parallel(model, device):
+    """Wrap for DistributedDataParallel under torchrun; the model itself otherwise."""
+    if not dist.is_initialized():
+        return model
+    return DDP(model, device_ids=[device] if device.startswith("cuda") else None)
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only."""
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def check_divisible(batch, what):
+    if batch % world_size():
+        raise UserError(f"{what} {batch} must be divisible by the number of processes ({world_size()})")
+
+
 def seed_everything(seed):
     torch.manual_seed(seed)
 
@@ -127,6 +194,11 @@ def optimizer_step(model, optimizer, micro_batches, loss_fn, lr, grad_clip, devi
         (loss / len(micro_batches)).backward()
         for k, v in {"loss": loss, **metrics}.items():
             totals[k] = totals.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / len(micro_batches)
+    if dist.is_initialized():  # metrics of the global batch: the mean over ranks of equal shares
+        names = sorted(totals)
+        values = torch.tensor([totals[k] for k in names], dtype=torch.float64)
+        dist.all_reduce(values)
+        totals = dict(zip(names, (values / world_size()).tolist()))
     params = [p for p in model.parameters() if p.requires_grad]
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf")))
     if not (math.isfinite(totals["loss"]) and math.isfinite(grad_norm)):
@@ -166,11 +238,14 @@ def atomic_write(path, write):
 
 
 def save_checkpoint(path, checkpoint):
-    atomic_write(path, lambda f: torch.save(checkpoint, f))
+    if is_main():
+        atomic_write(path, lambda f: torch.save(checkpoint, f))
+    barrier()
 
 
 def save_json(path, obj):
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+    if is_main():
+        atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
 def load_checkpoint(path, kind=None):
@@ -249,6 +324,8 @@ class Progress:
         steps_per_s = (step - self.last_step) / max(now - self.last_t, 1e-9)
         eta = (self.total - step) / max(steps_per_s, 1e-9)
         row = {"step": step, **metrics, f"{self.unit}_per_s": rate, "time": now - self.t0}
+        if not is_main():
+            return rate
         shown = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                            for k, v in metrics.items() if show is None or k in show)
         mfu = ""
@@ -261,7 +338,7 @@ class Progress:
         return rate
 
     def record(self, row):
-        if self.log_path:
+        if self.log_path and is_main():
             os.makedirs(os.path.dirname(self.log_path) or ".", exist_ok=True)
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -162,6 +162,13 @@ def _fingerprint(path):
     return h.hexdigest()[:16]
 
 
+def _write_aside(path, write):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
 def load_imdb(path=None, cache_dir=os.path.join("data", "cache"), verify=True):
     """{split: TokenizedSplit}, tokenized once and cached under cache_dir."""
     path = find_archive(path)
@@ -180,10 +187,12 @@ def load_imdb(path=None, cache_dir=os.path.join("data", "cache"), verify=True):
             for i, x in enumerate(ids):
                 tokens[offsets[i]:offsets[i + 1] - 1] = x
             base = os.path.join(folder, split)
-            tokens.tofile(base + ".bin")
-            np.save(base + ".offsets.npy", offsets)
-            np.save(base + ".labels.npy", labels)
-            open(base + ".done", "w").close()  # written last: a killed run leaves no half cache behind
+            # each file appears whole (written aside, then renamed), so a killed run or a second
+            # process tokenizing at the same time (torchrun) never leaves a torn cache
+            _write_aside(base + ".bin", tokens.tofile)
+            _write_aside(base + ".offsets.npy", lambda f: np.save(f, offsets))
+            _write_aside(base + ".labels.npy", lambda f: np.save(f, labels))
+            _write_aside(base + ".done", lambda f: None)  # written last
         print(f"tokenized IMDb in {time.time() - t0:.0f}s", file=sys.stderr)
     out = {}
     for split in SPLITS:

@@ -212,7 +212,8 @@ class DPOConfig:
 def train_dpo(cfg, pairs=None, evaluate=None):
     """DPO from the SFT checkpoint (policy init and frozen reference). evaluate(step, policy) -> dict
     is called at step 0, every eval_interval steps and at the end. Resumes from OUT/NAME.pt."""
-    device = common.pick_device(cfg.device)
+    device = common.setup_device(cfg.device)
+    common.check_divisible(cfg.micro_batch_size, "--micro-batch-size")
     policy = common.load_model(cfg.sft).to(device)
     max_length = cfg.max_length or policy.config.block_size
     if max_length > policy.config.block_size:
@@ -247,9 +248,12 @@ def train_dpo(cfg, pairs=None, evaluate=None):
         reference = None  # the reference model is no longer needed in memory
         print(f"reference log-probs of {len(pairs)} pairs precomputed in {time.time() - t0:.1f}s")
 
+    train_forward = common.data_parallel(policy, device)  # under torchrun; the policy itself otherwise
+
     def loss_fn(indices):
+        indices = common.local_slice(indices)  # this rank's share of the micro-batch
         tokens, response_mask = collate([pairs[i] for i in indices], max_length, device, cfg.append_eot)  # (2B, T)
-        policy_chosen, policy_rejected = concatenated_logps(policy, tokens, response_mask)
+        policy_chosen, policy_rejected = concatenated_logps(train_forward, tokens, response_mask)
         if precomputed is not None:
             ref_chosen, ref_rejected = precomputed[indices].to(device).unbind(1)
         else:

@@ -6,7 +6,7 @@ reward-vs-KL frontier (Figure 2, left).
 """
 import torch
 
-from common import atomic_write, autocast
+from common import atomic_write, autocast, gather, local_slice, rank
 from sample import generate, left_pad
 
 
@@ -24,11 +24,13 @@ def sequence_kl(policy_logits, reference_logits, response_mask):
 @torch.no_grad()
 def evaluate_policy(policy, reference, reward_model, prompts, max_new_tokens, batch_size, seed):
     """Mean reward and mean sequence KL over one completion per prompt (temperature 1, full
-    vocabulary, fixed length). Returns dict(reward, kl) and the completions."""
+    vocabulary, fixed length). Returns dict(reward, kl) and the completions (of this rank's share
+    of the prompts under torchrun; the means are over all prompts)."""
     policy_was_training = policy.training
     policy.eval()
     device = next(policy.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed + rank())
+    prompts = local_slice(prompts)
     completions = generate(policy, prompts, max_new_tokens, stop_at_eot=False, generator=generator, batch_size=batch_size)
     kls = []
     for i in range(0, len(prompts), batch_size):
@@ -38,9 +40,10 @@ def evaluate_policy(policy, reference, reward_model, prompts, max_new_tokens, ba
         response_mask[:, -max_new_tokens:] = 1
         with autocast(device.type):
             kls.append(sequence_kl(policy(ids, mask), reference(ids, mask), response_mask).cpu())
-    rewards = reward_model.score([p + c for p, c in zip(prompts, completions)])
+    rewards = gather(reward_model.score([p + c for p, c in zip(prompts, completions)]).tolist())
+    kls = gather(torch.cat(kls + [torch.zeros(0)]).tolist())
     policy.train(policy_was_training)
-    return {"reward": float(rewards.mean()), "kl": float(torch.cat(kls).mean())}, completions
+    return {"reward": sum(rewards) / len(rewards), "kl": sum(kls) / len(kls)}, completions
 
 
 def plot_frontier(rows, path):

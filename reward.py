@@ -41,7 +41,7 @@ class RewardModel(nn.Module):
         """r(x, y) = P(positive | tokens) for each token list, as a float64 numpy array in [0, 1]."""
         device = next(self.parameters()).device
         limit = self.gpt.config.block_size
-        out = []
+        out = [torch.zeros(0)]
         for i in range(0, len(sequences), batch_size):
             ids, mask = left_pad([s[:limit] for s in sequences[i:i + batch_size]], device=device)
             with common.autocast(device.type):
@@ -93,13 +93,15 @@ def accuracy(model, split, n, max_len):
     """Fraction of the first n reviews of a labelled split (or all) classified correctly from their first max_len tokens."""
     rng = np.random.default_rng(0)
     indices = rng.permutation(len(split))[:n] if n else np.arange(len(split))
-    scores = model.score([split.review(i)[:max_len].tolist() for i in indices])
+    sequences = [split.review(i)[:max_len].tolist() for i in indices]
+    scores = np.array(common.gather(model.score(common.local_slice(sequences)).tolist()))  # each rank scores a share
     return float(((scores > 0.5) == (split.labels[indices] == 1)).mean())
 
 
 def train_reward(cfg, imdb):
     """Fine-tune the classifier on the labelled train split; returns (checkpoint path, test accuracy)."""
-    device = common.pick_device(cfg.device)
+    device = common.setup_device(cfg.device)
+    common.check_divisible(cfg.batch_size, "--batch-size")
     ckpt_path = os.path.join(cfg.out, "reward.pt")
     sft = common.load_model(cfg.sft, kinds=("sft",))
     if cfg.max_len > sft.config.block_size:
@@ -125,9 +127,11 @@ def train_reward(cfg, imdb):
         if step >= cfg.max_steps:
             return ckpt_path, ckpt["test_accuracy"]
 
+    train_forward = common.data_parallel(model, device)  # under torchrun; the model itself otherwise
+
     def loss_fn(batch):
         ids, mask, labels = batch
-        logits = model(ids, mask)
+        logits = train_forward(ids, mask)
         return F.binary_cross_entropy_with_logits(logits.float(), labels), {"acc": ((logits > 0).float() == labels).float().mean()}
 
     def save(test_accuracy=None):
@@ -139,8 +143,9 @@ def train_reward(cfg, imdb):
     progress = common.Progress("reward", cfg.max_steps, os.path.join(cfg.out, "reward_log.jsonl"), unit="reviews", start_step=step)
     while step < cfg.max_steps:
         indices = common.batch_indices(step, cfg.batch_size, len(train), cfg.seed)
-        ids, mask = left_pad(crops(train, indices, cfg.min_len, cfg.max_len, [cfg.seed, step]), device=device)
-        labels = torch.tensor(train.labels[indices], dtype=torch.float32, device=device)
+        texts = common.local_slice(crops(train, indices, cfg.min_len, cfg.max_len, [cfg.seed, step]))
+        ids, mask = left_pad(texts, device=device)  # this rank's share of the global batch
+        labels = torch.tensor(train.labels[common.local_slice(indices)], dtype=torch.float32, device=device)
         lr = common.warmup_cosine(step, cfg.warmup_steps, cfg.max_steps, cfg.lr, cfg.lr / 10)
         metrics = common.optimizer_step(model, optimizer, [(ids, mask, labels)], loss_fn, lr, cfg.grad_clip, device, step)
         step += 1

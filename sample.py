@@ -53,6 +53,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     if batch_size and len(prompts) > batch_size:
         return [c for i in range(0, len(prompts), batch_size) for c in
                 generate(model, prompts[i:i + batch_size], max_new_tokens, temperature, top_k, top_p, stop_at_eot, generator)]
+    if not prompts:
+        return []
     if any(len(p) == 0 for p in prompts):
         raise UserError("an empty prompt was given; every prompt needs at least one token")
     longest, context = max(len(p) for p in prompts), model.config.block_size

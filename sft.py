@@ -111,7 +111,8 @@ def validation_loss(model, tokens, cfg, device):
 def train_lm(cfg, train_tokens, val_tokens):
     """Next-token training on a uint16 token stream; resumes from OUT/NAME.pt if it exists.
     Returns the checkpoint path."""
-    device = common.pick_device(cfg.device)
+    device = common.setup_device(cfg.device)
+    common.check_divisible(cfg.batch_size, "--batch-size")
     ckpt_path = os.path.join(cfg.out, f"{cfg.name}.pt")
     for stream, what in ((train_tokens, "training"), (val_tokens, "validation")):
         if len(stream) <= cfg.block_size + 1:
@@ -141,6 +142,7 @@ def train_lm(cfg, train_tokens, val_tokens):
           f"device {device}")
     model.train()
     forward = torch.compile(model) if cfg.compile and device.startswith("cuda") else model
+    forward = common.data_parallel(forward, device)  # under torchrun; the model itself otherwise
     peak = common.peak_flops(device)
     flops_per_token = model.flops_per_token(cfg.block_size)
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
@@ -153,8 +155,8 @@ def train_lm(cfg, train_tokens, val_tokens):
             "step": step, "rng": common.rng_state()})
 
     while step < cfg.max_steps:
-        micro = [random_windows(train_tokens, cfg.batch_size, cfg.block_size, seed=[cfg.seed, step, m]).to(device)
-                 for m in range(cfg.grad_accum)]
+        micro = [common.local_slice(random_windows(train_tokens, cfg.batch_size, cfg.block_size, seed=[cfg.seed, step, m])).to(device)
+                 for m in range(cfg.grad_accum)]  # each rank takes its share of the global batch
         lr = common.warmup_cosine(step, cfg.warmup_steps, cfg.max_steps, cfg.lr, cfg.min_lr)
         metrics = common.optimizer_step(model, optimizer, micro, lambda b: (lm_loss(forward, b), {}), lr,
                                         cfg.grad_clip, device, step)
@@ -165,7 +167,7 @@ def train_lm(cfg, train_tokens, val_tokens):
                 torch.cuda.synchronize()
             shown = {"loss": metrics["loss"], "lr": lr, "grad_norm": metrics["grad_norm"]}
             if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-                shown["val_loss"] = validation_loss(forward, val_tokens, cfg, device)
+                shown["val_loss"] = validation_loss(model, val_tokens, cfg, device)
             progress.line(step, shown, peak_flops=peak, flops_per_unit=flops_per_token)
         if step % cfg.save_interval == 0 or step == cfg.max_steps:
             save()

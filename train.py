@@ -160,18 +160,20 @@ def stage_pairs(cfg, imdb, device):
     reward_model = load_reward_model(path(cfg, "reward.pt")).to(device)
     prompts = make_prefixes(imdb["train"], cfg.n_prefixes, seed=cfg.seed)
     k = cfg.completions_per_prefix
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed + common.rank())
     t0 = time.time()
     repeated = [p for p in prompts for _ in range(k)]
+    local = common.local_slice(repeated)  # under torchrun each rank samples a share
     completions = []
-    for i in range(0, len(repeated), cfg.sample_batch_size):  # batches, with a progress line each
-        completions += generate(policy, repeated[i:i + cfg.sample_batch_size], cfg.max_new_tokens,
+    for i in range(0, len(local), cfg.sample_batch_size):  # batches, with a progress line each
+        completions += generate(policy, local[i:i + cfg.sample_batch_size], cfg.max_new_tokens,
                                 stop_at_eot=False, generator=generator)
         done, elapsed = len(completions), time.time() - t0
-        print(f"pairs: sampled {done}/{len(repeated)} | {done * cfg.max_new_tokens / elapsed:.0f} tok/s | "
-              f"eta {common.format_seconds((len(repeated) - done) * elapsed / done)}", flush=True)
+        common.print0(f"pairs: sampled {done}/{len(local)} | {done * cfg.max_new_tokens / elapsed:.0f} tok/s | "
+                      f"eta {common.format_seconds((len(local) - done) * elapsed / done)}")
     sample_time = time.time() - t0
-    rewards = reward_model.score([p + c for p, c in zip(repeated, completions)])
+    rewards = np.array(common.gather(reward_model.score([p + c for p, c in zip(local, completions)]).tolist()))
+    completions = common.gather(completions)
     enc = get_encoding()
     pairs = []
     for n, prompt in enumerate(prompts):
@@ -179,9 +181,10 @@ def stage_pairs(cfg, imdb, device):
     for pair in pairs:  # readable text beside the exact ids (ids take precedence when read back)
         pair.update(prompt=enc.decode(pair["prompt_ids"]), chosen=enc.decode(pair["chosen_ids"]),
                     rejected=enc.decode(pair["rejected_ids"]))
-    common.atomic_write(path(cfg, "pairs.jsonl"), lambda f: f.write("".join(json.dumps(p) + "\n" for p in pairs).encode()))
+    if common.is_main():
+        common.atomic_write(path(cfg, "pairs.jsonl"), lambda f: f.write("".join(json.dumps(p) + "\n" for p in pairs).encode()))
     gap = float(np.mean([p["chosen_reward"] - p["rejected_reward"] for p in pairs]))
-    print(f"pairs: {len(pairs)} pairs from {len(prompts)} prefixes, mean reward {rewards.mean():.3f}, "
+    common.print0(f"pairs: {len(pairs)} pairs from {len(prompts)} prefixes, mean reward {rewards.mean():.3f}, "
           f"mean chosen-rejected reward gap {gap:.3f}")
     return {"pairs": len(pairs), "prefixes": len(prompts), "mean_reward_gap": gap, "sft_sample_reward": float(rewards.mean()),
             "sampling_tokens_per_s": len(repeated) * cfg.max_new_tokens / sample_time}
@@ -201,10 +204,11 @@ class Evaluator:
         metrics, completions = evaluate_policy(policy, self.reference, self.reward_model, self.prompts,
                                                self.cfg.max_new_tokens, self.cfg.sample_batch_size, seed=self.cfg.seed)
         row = {"method": method, "beta": beta, "step": step, **metrics, "wall_time": time.time() - self.t0}
-        os.makedirs(os.path.dirname(log_path), exist_ok=True)
-        with open(log_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(f"eval {method} beta={beta} step {step}: reward {metrics['reward']:.3f} | kl {metrics['kl']:.3f}", flush=True)
+        if common.is_main():
+            os.makedirs(os.path.dirname(log_path), exist_ok=True)
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        common.print0(f"eval {method} beta={beta} step {step}: reward {metrics['reward']:.3f} | kl {metrics['kl']:.3f}", flush=True)
         return metrics, completions
 
 
@@ -221,7 +225,7 @@ def stage_dpo(cfg, evaluator):
                             save_interval=cfg.eval_interval, seed=cfg.seed, device=cfg.device)
         dpo_cfg.validate()
         train_dpo(dpo_cfg, evaluate=lambda step, policy: evaluator(policy, "DPO", beta, step, os.path.join(run, "eval.jsonl"))[0])
-        open(os.path.join(run, "done"), "w").close()
+        mark_done(os.path.join(run, "done"))
     return {}
 
 
@@ -229,8 +233,9 @@ def stage_baselines(cfg, evaluator, device):
     """The SFT model itself (the KL = 0 point) and Preferred-FT (SFT continued on the best sample per prefix)."""
     sft_model = common.load_model(path(cfg, "sft.pt")).to(device)
     log = path(cfg, "baselines_eval.jsonl")
-    if os.path.exists(log):
+    if os.path.exists(log) and common.is_main():
         os.remove(log)  # the baseline points are recomputed together
+    common.barrier()
     evaluator(sft_model, "SFT", None, 0, log)
     if cfg.pft_steps:
         best = {}
@@ -306,6 +311,12 @@ def path(cfg, name):
     return os.path.join(cfg.out, name)
 
 
+def mark_done(marker):
+    if common.is_main():
+        open(marker, "w").close()
+    common.barrier()
+
+
 def artifact_done(cfg, stage):
     """Whether a stage's artifact is complete (so the stage is skipped)."""
     if stage == "sft":
@@ -358,7 +369,7 @@ def check_run_folder(cfg):
 def main():
     cfg = common.parse_config(TrainConfig, presets=PRESETS, default_preset="gpu" if torch.cuda.is_available() else "cpu",
                               description=__doc__.split("\n\n")[0])
-    device = common.pick_device(cfg.device)
+    device = common.setup_device(cfg.device)
     check_run_folder(cfg)
     imdb = load_imdb(cfg.data, verify=cfg.data_verify)
     times_path = path(cfg, "stage_times.json")
@@ -370,12 +381,13 @@ def main():
         if cfg.force:
             forget(cfg, stage)
         elif artifact_done(cfg, stage):
-            print(f"=== {stage}: done already (artifact in {cfg.out}; --force redoes it)")
+            common.print0(f"=== {stage}: done already (artifact in {cfg.out}; --force redoes it)")
             continue
-        print(f"=== {stage}")
+        common.print0(f"=== {stage}")
         t0 = time.time()
         if stage in ("dpo", "baselines", "report") and evaluator is None:
             evaluator = Evaluator(cfg, imdb, device)
+        result = {}
         if stage == "sft":
             result = stage_sft(cfg, imdb)
         elif stage == "reward":
@@ -386,14 +398,15 @@ def main():
             result = stage_dpo(cfg, evaluator)
         elif stage == "baselines":
             result = stage_baselines(cfg, evaluator, device)
-            open(path(cfg, "baselines_done"), "w").close()
-        else:
+            mark_done(path(cfg, "baselines_done"))
+        elif common.is_main():  # the report: one process draws and writes it
             result = stage_report(cfg, evaluator, device, summary)
+        common.barrier()
         summary[stage] = {"seconds": round(time.time() - t0, 1), **result, "device": device,
                           "hardware": torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU x{os.cpu_count()}"}
         common.save_json(times_path, summary)
-        print(f"=== {stage}: {summary[stage]['seconds']:.0f}s")
-    print("stage times: " + ", ".join(f"{k} {v['seconds']:.0f}s" for k, v in summary.items()))
+        common.print0(f"=== {stage}: {summary[stage]['seconds']:.0f}s")
+    common.print0("stage times: " + ", ".join(f"{k} {v['seconds']:.0f}s" for k, v in summary.items()))
 
 
 if __name__ == "__main__":

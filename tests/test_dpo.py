@@ -432,15 +432,13 @@ def test_extreme_margins_stay_finite(dtype, loss_type, label_smoothing):
 
 
 # ---------------------------------------------------------------------------- 8. the trainer
-TEXT_PAIRS = [
-    {"prompt": "The movie", "chosen": " was a joy to watch.", "rejected": " was bad."},
-    {"prompt": "I thought the acting", "chosen": " was superb", "rejected": " felt wooden and stiff throughout"},
-    {"prompt": "Honestly,", "chosen": " a masterpiece of its kind.", "rejected": " a mess."},
-    {"prompt": "The plot of this film", "chosen": " kept me guessing", "rejected": " made no sense at all"},
-    {"prompt": "Its soundtrack", "chosen": " is lovely", "rejected": " is grating and loud"},
-    {"prompt": "Overall", "chosen": " I would watch it again tomorrow.", "rejected": " skip it."},
-    {"prompt": "The director", "chosen": " knows her craft", "rejected": " should retire"},
-    {"prompt": "As a comedy it", "chosen": " is very funny", "rejected": " is not funny"},
+TEXT_PAIRS = [  # short texts of different lengths: every token costs a 50257-wide softmax on the CPU
+    {"prompt": "The movie", "chosen": " was great.", "rejected": " bad"},
+    {"prompt": "Acting", "chosen": " superb", "rejected": " was wooden"},
+    {"prompt": "Honestly,", "chosen": " a gem.", "rejected": " a mess"},
+    {"prompt": "The plot", "chosen": " works", "rejected": " made no sense"},
+    {"prompt": "Music", "chosen": " is lovely", "rejected": " grates"},
+    {"prompt": "Overall", "chosen": " I loved it", "rejected": " skip it."},
 ]
 
 
@@ -524,63 +522,68 @@ def toy_sequence(rng, length):
     return [rng.choice(TOY_VOCAB) for _ in range(length)]
 
 
-def toy_pairs(rng, n):
+def toy_pairs(rng, n, length=4):
     pairs = []
     while len(pairs) < n:
-        prompt, a, b = toy_sequence(rng, 2), toy_sequence(rng, 6), toy_sequence(rng, 6)
+        prompt, a, b = toy_sequence(rng, 1), toy_sequence(rng, length), toy_sequence(rng, length)
         if toy_reward(a) != toy_reward(b):
             chosen, rejected = (a, b) if toy_reward(a) > toy_reward(b) else (b, a)
             pairs.append(PreferencePair(prompt, chosen, rejected))
     return pairs
 
 
-def sft_on_toy_language(model, steps=150, seed=0):
-    """Teach the tiny GPT the toy language (two-token prompt, six uniform tokens, end of text)."""
-    rng = random.Random(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(steps):
-        batch = torch.tensor([toy_sequence(rng, 8) + [EOT] for _ in range(32)])
-        logits = model(batch[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+def toy_language_model():
+    """A tiny GPT that already speaks the toy language (in place of SFT, which costs minutes on a CPU at
+    a 50257-token vocabulary): feature 0 of the final hidden state is the constant 1 (LayerNorm weight 0,
+    bias 1), and column 0 of the tied embedding puts the ten toy tokens at logit ~0, end-of-text at -4 and
+    every other token at -15, so samples are nearly uniform over the toy tokens, a few words long."""
+    model = tiny_gpt(n_layer=1, n_embd=16, block_size=16, seed=0)
+    with torch.no_grad():
+        model.transformer.ln_f.weight[0] = 0.0
+        model.transformer.ln_f.bias[0] = 1.0
+        wte = model.transformer.wte.weight  # tied to lm_head
+        wte[:, 0] = -15.0
+        wte[TOY_VOCAB, 0] = 0.0
+        wte[EOT, 0] = -4.0
     return model.eval()
 
 
 def mean_sample_reward(model, prompts, seed):
     generator = torch.Generator().manual_seed(seed)
-    completions = sample.generate(model.eval(), prompts, max_new_tokens=8, generator=generator)
+    completions = sample.generate(model.eval(), prompts, max_new_tokens=6, generator=generator)
     return sum(toy_reward(c) for c in completions) / len(completions)
 
 
 def implicit_reward_accuracy(policy, reference, pairs, beta):
-    """Fraction of pairs where beta * log(pi / pi_ref) ranks chosen above rejected (float64, one sequence at a time)."""
-    policy, reference = copy.deepcopy(policy).double().eval(), copy.deepcopy(reference).double().eval()
-    correct = 0
-    with torch.no_grad():
-        for pair in pairs:
-            rewards = [beta * (response_logp(policy, pair.prompt, y + [EOT]) - response_logp(reference, pair.prompt, y + [EOT]))
-                       for y in (pair.chosen, pair.rejected)]
-            correct += rewards[0].item() > rewards[1].item()
-    return correct / len(pairs)
+    """Fraction of pairs where beta * log(pi / pi_ref) ranks chosen above rejected, with a gather written here
+    (all toy sequences have the same length, so one unpadded batch per model)."""
+    sequences = torch.tensor([p.prompt + y + [EOT] for p in pairs for y in (p.chosen, p.rejected)])  # (2N, T)
+    start = len(pairs[0].prompt)
+
+    def logps(model):
+        with torch.no_grad():
+            token_logps = torch.log_softmax(model(sequences).double(), dim=-1)  # (2N, T, V)
+        picked = token_logps[:, :-1].gather(-1, sequences[:, 1:, None])[..., 0]  # row t - 1 predicts token t
+        return picked[:, start - 1:].sum(-1)  # the response and its end-of-text
+
+    rewards = (beta * (logps(policy.eval()) - logps(reference.eval()))).view(len(pairs), 2)
+    return (rewards[:, 0] > rewards[:, 1]).double().mean().item()
 
 
 def test_dpo_raises_reward_of_samples_on_toy_task(tmp_path):
-    torch.manual_seed(0)
-    reference = sft_on_toy_language(tiny_gpt(n_layer=1, n_embd=32, block_size=16, seed=0))
+    reference = toy_language_model()
     sft = str(tmp_path / "sft.pt")
     save_sft_checkpoint(sft, reference)
     rng = random.Random(1)
-    train_pairs, held_out = toy_pairs(rng, 128), toy_pairs(rng, 64)
+    train_pairs, held_out = toy_pairs(rng, 64), toy_pairs(rng, 32)
     beta = 0.1
-    cfg = trainer_config(sft, str(tmp_path / "unused.jsonl"), str(tmp_path / "dpo"), beta=beta, lr=2e-3, batch_size=16,
-                         micro_batch_size=16, max_steps=30, log_interval=10)
+    cfg = trainer_config(sft, str(tmp_path / "unused.jsonl"), str(tmp_path / "dpo"), beta=beta, lr=1e-2, batch_size=8,
+                         micro_batch_size=8, max_steps=8, log_interval=4, precompute_ref=True)
     policy = common.load_model(dpo.train_dpo(cfg, pairs=train_pairs))
 
-    prompts = [toy_sequence(random.Random(2), 2) for _ in range(256)]
+    prompts = [toy_sequence(random.Random(2), 1) for _ in range(96)]
     before, after = mean_sample_reward(reference, prompts, seed=3), mean_sample_reward(policy, prompts, seed=3)
-    assert 0.3 < before < 1.2, f"the SFT model should write the toy language (reward {before})"
-    assert after > before + 0.5, f"mean reward of samples: reference {before:.3f}, policy {after:.3f}"
+    assert 0.2 < before < 0.8, f"the reference should write the toy language (reward {before})"
+    assert after > before + 0.4, f"mean reward of samples: reference {before:.3f}, policy {after:.3f}"
     accuracy = implicit_reward_accuracy(policy, reference, held_out, beta)
     assert accuracy >= 0.75, f"implicit-reward accuracy on held-out pairs {accuracy:.3f}"

@@ -40,8 +40,8 @@ class BenchConfig:
     response_len: int = field(default=48, metadata={"help": "tokens per DPO response, before its end-of-text"})
     sample_batch_size: int = field(default=16, metadata={"help": "prompts sampled together"})
     max_new_tokens: int = field(default=48, metadata={"help": "tokens sampled per prompt"})
-    warmup: int = field(default=2, metadata={"help": "untimed iterations before each benchmark"})
-    repeats: int = field(default=5, metadata={"help": "timed iterations of each benchmark; the median is reported"})
+    warmup: int = field(default=1, metadata={"help": "untimed iterations before each benchmark"})
+    repeats: int = field(default=3, metadata={"help": "timed iterations of each benchmark; the median is reported"})
     compile: bool = field(default=True, metadata={"help": "torch.compile the SFT model on CUDA, as sft.py does"})
     seed: int = field(default=0, metadata={"help": "random seed (weights and tokens)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
@@ -55,16 +55,17 @@ class BenchConfig:
         check(self.n_embd % self.n_head == 0, f"--n-embd {self.n_embd} must be divisible by --n-head {self.n_head}")
         longest = PROMPT_LENGTHS[1]
         check(longest + self.response_len + 1 <= self.block_size,
-              f"a {longest}-token prompt + --response-len {self.response_len} + end-of-text exceeds --block-size {self.block_size}")
+              f"a prompt of {longest} tokens + --response-len {self.response_len} + end-of-text exceeds --block-size {self.block_size}")
         check(longest + self.max_new_tokens <= self.block_size,
-              f"a {longest}-token prompt + --max-new-tokens {self.max_new_tokens} exceeds --block-size {self.block_size}")
+              f"a prompt of {longest} tokens + --max-new-tokens {self.max_new_tokens} exceeds --block-size {self.block_size}")
 
 
 PRESETS = {
-    "smoke": dict(n_layer=2, n_head=2, n_embd=64, block_size=64, batch_size=4, dpo_batch_size=2, sample_batch_size=4,
-                  warmup=1, repeats=3),
+    "smoke": dict(n_layer=2, n_head=2, n_embd=64, block_size=64, batch_size=4, dpo_batch_size=2, response_len=16,
+                  sample_batch_size=4, max_new_tokens=16),
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16, dpo_batch_size=8, sample_batch_size=16),
-    "gpu": dict(n_layer=12, n_head=12, n_embd=768, block_size=256, batch_size=64, dpo_batch_size=64, sample_batch_size=256),
+    "gpu": dict(n_layer=12, n_head=12, n_embd=768, block_size=256, batch_size=64, dpo_batch_size=64, sample_batch_size=256,
+                warmup=3, repeats=10),  # iterations are cheap on a GPU; the first also compiles
 }
 
 

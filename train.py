@@ -208,7 +208,7 @@ class Evaluator:
             os.makedirs(os.path.dirname(log_path), exist_ok=True)
             with open(log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-        common.print0(f"eval {method} beta={beta} step {step}: reward {metrics['reward']:.3f} | kl {metrics['kl']:.3f}", flush=True)
+        common.print0(f"eval {method} beta={beta} step {step}: reward {metrics['reward']:.3f} | kl {metrics['kl']:.3f}")
         return metrics, completions
 
 

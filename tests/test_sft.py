@@ -55,9 +55,9 @@ def test_sft_lowers_the_next_token_loss_from_uniform(tmp_path):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """6 steps in one go, checkpointing every 3."""
+    """6 steps in one go, checkpointing every 3; dropout on, so the resumed run must restore the RNG too."""
     out = tmp_path_factory.mktemp("uninterrupted")
-    sft.train_lm(tiny_config(out), STREAM, STREAM)
+    sft.train_lm(tiny_config(out, dropout=0.1), STREAM, STREAM)
     return out
 
 
@@ -76,7 +76,7 @@ def test_resumed_run_ends_exactly_where_the_uninterrupted_run_ends(uninterrupted
 
     monkeypatch.setattr(common, "optimizer_step", crash_at_step_3)
     with pytest.raises(Interrupted):
-        sft.train_lm(tiny_config(out), STREAM, STREAM)
+        sft.train_lm(tiny_config(out, dropout=0.1), STREAM, STREAM)
     assert torch.load(out / "sft.pt", weights_only=True)["step"] == 3
 
     steps_run = []
@@ -87,7 +87,7 @@ def test_resumed_run_ends_exactly_where_the_uninterrupted_run_ends(uninterrupted
 
     monkeypatch.setattr(common, "optimizer_step", counting)
     capsys.readouterr()
-    sft.train_lm(tiny_config(out), STREAM, STREAM)
+    sft.train_lm(tiny_config(out, dropout=0.1), STREAM, STREAM)
     assert steps_run == [3, 4, 5]  # resumed at step 3, not from scratch
     assert "at step 3/6" in capsys.readouterr().out
 

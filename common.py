@@ -30,6 +30,9 @@ def run_main(main):
     except (UserError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except FloatingPointError as e:  # a diverged run: say where and why, keep the last checkpoint
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 # ---------------------------------------------------------------------------- config and flags

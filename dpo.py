@@ -29,13 +29,14 @@ from data import EOT, get_encoding
 def sequence_logps(logits, tokens, response_mask):
     """log pi(y|x) = sum over response positions t of log pi(tokens[t] | tokens[<t]).
     logits (B, T, V) with logits[:, t] predicting tokens[:, t + 1]; response_mask (B, T) marks the
-    response tokens. Returns (B,) in float32, whatever the logits' dtype."""
+    response tokens. Returns (B,) in float32 or better (float64 logits stay float64)."""
     logits = logits[:, :-1]  # (B, T-1, V): position t-1 predicts token t
     targets = tokens[:, 1:]  # (B, T-1)
     mask = response_mask[:, 1:].bool()  # token 0 has no prediction; it is always prompt
     # log_softmax(z)[y] = z[y] - logsumexp(z): one float32 (B, T-1, V) temporary, not two
-    target_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()
-    token_logps = target_logits - torch.logsumexp(logits.float(), dim=-1)  # (B, T-1)
+    dtype = torch.promote_types(logits.dtype, torch.float32)  # bf16 -> float32; float64 stays
+    target_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).to(dtype)
+    token_logps = target_logits - torch.logsumexp(logits.to(dtype), dim=-1)  # (B, T-1)
     return torch.where(mask, token_logps, 0.0).sum(-1)
 
 
@@ -90,7 +91,7 @@ def read_pairs(path, max_length, skip_bad=False):
                     raise UserError(f"{path}:{line_no}: {e} (pass --skip-bad-lines to skip such lines)") from None
                 skipped.append(line_no)
     if skipped:
-        print(f"skipped {len(skipped)} bad lines of {path} (first: {skipped[:10]})")
+        common.print0(f"skipped {len(skipped)} bad lines of {path} (first: {skipped[:10]})")
     if not pairs:
         raise UserError(f"{path} holds no usable preference pairs")
     return pairs
@@ -107,7 +108,7 @@ def _parse_pair(line, enc, max_length):
     for key in ("prompt", "chosen", "rejected"):
         if f"{key}_ids" in record:
             ids = record[f"{key}_ids"]
-            if not (isinstance(ids, list) and all(isinstance(i, int) and 0 <= i <= EOT for i in ids)):
+            if not (isinstance(ids, list) and all(type(i) is int and 0 <= i <= EOT for i in ids)):
                 raise ValueError(f"'{key}_ids' must be a list of token ids in [0, {EOT}]")
         elif key in record:
             if not isinstance(record[key], str):
@@ -230,7 +231,8 @@ def train_dpo(cfg, pairs=None, evaluate=None):
     step = 0
     if os.path.exists(ckpt_path):
         ckpt = common.load_checkpoint(ckpt_path, kind="dpo")
-        differs = [k for k in ("sft", "beta", "loss_type", "label_smoothing", "batch_size", "optimizer", "lr", "seed")
+        differs = [k for k in ("sft", "pairs", "beta", "loss_type", "label_smoothing", "batch_size", "optimizer", "lr",
+                               "warmup_steps", "max_length", "append_eot", "seed")
                    if ckpt["config"].get(k) != getattr(cfg, k)]
         if differs:
             raise UserError(f"{ckpt_path} belongs to a run with a different config ({', '.join(differs)} differ); "
@@ -239,14 +241,14 @@ def train_dpo(cfg, pairs=None, evaluate=None):
         optimizer.load_state_dict(ckpt["optimizer"])
         common.set_rng_state(ckpt["rng"])
         step = ckpt["step"]
-        print(f"resuming {ckpt_path} at step {step}/{total}")
+        common.print0(f"resuming {ckpt_path} at step {step}/{total}")
 
     precomputed = None
     if cfg.precompute_ref:
         t0 = time.time()
         precomputed = reference_logps(reference, pairs, cfg.micro_batch_size, max_length, device, cfg.append_eot)
         reference = None  # the reference model is no longer needed in memory
-        print(f"reference log-probs of {len(pairs)} pairs precomputed in {time.time() - t0:.1f}s")
+        common.print0(f"reference log-probs of {len(pairs)} pairs precomputed in {time.time() - t0:.1f}s")
 
     train_forward = common.data_parallel(policy, device)  # under torchrun; the policy itself otherwise
 
@@ -299,7 +301,7 @@ def train_dpo(cfg, pairs=None, evaluate=None):
 def main():
     cfg = common.parse_config(DPOConfig, description="DPO on a preference JSONL file, starting from an SFT checkpoint.")
     path = train_dpo(cfg)
-    print(f"checkpoint: {path}\ntry: python sample.py --ckpt {path} --prompt \"This movie\" --n 4")
+    common.print0(f"checkpoint: {path}\ntry: python sample.py --ckpt {path} --prompt \"This movie\" --n 4")
 
 
 if __name__ == "__main__":

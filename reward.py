@@ -123,7 +123,7 @@ def train_reward(cfg, imdb):
         optimizer.load_state_dict(ckpt["optimizer"])
         common.set_rng_state(ckpt["rng"])
         step = ckpt["step"]
-        print(f"resuming {ckpt_path} at step {step}/{cfg.max_steps}")
+        common.print0(f"resuming {ckpt_path} at step {step}/{cfg.max_steps}")
         if step >= cfg.max_steps:
             return ckpt_path, ckpt["test_accuracy"]
 
@@ -156,7 +156,7 @@ def train_reward(cfg, imdb):
             save()
     model.eval()
     test_accuracy = accuracy(model, imdb["test"], cfg.test_reviews, cfg.max_len)
-    print(f"reward model test accuracy {test_accuracy:.3f} on {cfg.test_reviews or len(imdb['test'])} test reviews "
+    common.print0(f"reward model test accuracy {test_accuracy:.3f} on {cfg.test_reviews or len(imdb['test'])} test reviews "
           f"(first {cfg.max_len} tokens)")
     progress.record({"step": step, "test_accuracy": test_accuracy})
     save(test_accuracy)
@@ -167,7 +167,7 @@ def main():
     cfg = common.parse_config(RewardConfig, description="Train the IMDb sentiment classifier used as ground-truth reward.")
     imdb = load_imdb(cfg.data, verify=cfg.data_verify)
     path, acc = train_reward(cfg, imdb)
-    print(f"checkpoint: {path} (test accuracy {acc:.3f})")
+    common.print0(f"checkpoint: {path} (test accuracy {acc:.3f})")
 
 
 if __name__ == "__main__":

@@ -135,10 +135,10 @@ def train_lm(cfg, train_tokens, val_tokens):
         optimizer.load_state_dict(ckpt["optimizer"])
         common.set_rng_state(ckpt["rng"])
         step = ckpt["step"]
-        print(f"resuming {ckpt_path} at step {step}/{cfg.max_steps}")
+        common.print0(f"resuming {ckpt_path} at step {step}/{cfg.max_steps}")
     if step >= cfg.max_steps:
         return ckpt_path
-    print(f"{cfg.name}: {model.num_params() / 1e6:.1f}M parameters, {len(train_tokens) / 1e6:.1f}M training tokens, "
+    common.print0(f"{cfg.name}: {model.num_params() / 1e6:.1f}M parameters, {len(train_tokens) / 1e6:.1f}M training tokens, "
           f"device {device}")
     model.train()
     forward = torch.compile(model) if cfg.compile and device.startswith("cuda") else model
@@ -181,7 +181,7 @@ def main():
     imdb = load_imdb(cfg.data, verify=cfg.data_verify)
     train_tokens = np.concatenate([imdb["train"].tokens, imdb["unsup"].tokens])
     path = train_lm(cfg, train_tokens, imdb["test"].tokens)
-    print(f"checkpoint: {path}\ntry: python sample.py --ckpt {path} --prompt \"This movie\" --n 4")
+    common.print0(f"checkpoint: {path}\ntry: python sample.py --ckpt {path} --prompt \"This movie\" --n 4")
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ def test_gpt2_tokenizer_round_trips_imdb_text_including_unicode():
 # ---------------------------------------------------------------------------- reading reviews
 def test_archive_reads_to_labelled_sorted_cleaned_reviews_ignoring_other_files(archive):
     reviews = data.read_reviews(archive, verify=False)
-    assert as_plain(reviews) == {split: (texts, labels) for split, (texts, labels) in EXPECTED.items()}
+    assert as_plain(reviews) == EXPECTED
     assert all(labels.dtype == np.int64 for _, labels in reviews.values())
 
 
@@ -91,9 +91,8 @@ def test_extracted_folder_reads_the_same_as_the_archive(archive, tmp_path):
     folder = tmp_path / "extracted"
     with tarfile.open(archive) as tar:
         tar.extractall(folder, filter="data")
-    expected = {split: (texts, labels) for split, (texts, labels) in EXPECTED.items()}
-    assert as_plain(data.read_reviews(str(folder / "aclImdb"), verify=False)) == expected
-    assert as_plain(data.read_reviews(str(folder), verify=False)) == expected
+    assert as_plain(data.read_reviews(str(folder / "aclImdb"), verify=False)) == EXPECTED
+    assert as_plain(data.read_reviews(str(folder), verify=False)) == EXPECTED
 
 
 def test_verify_rejects_a_partial_archive(archive):
@@ -120,14 +119,13 @@ def test_a_truncated_archive_raises_data_error_saying_corrupt_or_still_yields_ev
     """A partial download or copy must never be read as a smaller, valid-looking archive: cut anywhere,
     it is reported as corrupt, unless the cut only removed bytes after the last review."""
     raw = open(archive, "rb").read()
-    expected = {split: (texts, labels) for split, (texts, labels) in EXPECTED.items()}
     cut_path = tmp_path / "cut.tar.gz"
     failures = {}  # kind of failure -> (first cut showing it, how many cuts)
     for cut in range(len(raw)):
         cut_path.write_bytes(raw[:cut])
         try:
             reviews = data.read_reviews(str(cut_path), verify=False)
-            kind = None if as_plain(reviews) == expected else \
+            kind = None if as_plain(reviews) == EXPECTED else \
                 f"read {sum(len(t) for t, _ in reviews.values())} of 9 reviews without an error"
         except DataError as e:
             kind = None if "corrupt" in str(e) else f"DataError without 'corrupt': {str(e)[-80:]}"

@@ -128,7 +128,7 @@ def bench_sft(cfg, device):
 
 
 def bench_dpo(cfg, device, live_reference):
-    """One RMSprop step on dpo_batch_size pairs, with dpo.train_dpo's loss (its logged metrics left out)."""
+    """One RMSprop step on dpo_batch_size pairs, with dpo.train_dpo's loss and metrics."""
     policy = new_model(cfg, device).train()
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     trainer = dpo.DPOConfig()  # the trainer's defaults: the paper's RMSprop, lr and beta
@@ -141,19 +141,10 @@ def bench_dpo(cfg, device, live_reference):
         precomputed = dpo.reference_logps(reference, pairs, len(pairs), cfg.block_size, device)  # (B, 2)
         reference = None  # as in train_dpo: the reference model is not needed any more
 
-    def loss_fn(batch):
-        tokens, response_mask = dpo.collate(batch, cfg.block_size, device)  # (2B, T)
-        policy_chosen, policy_rejected = dpo.concatenated_logps(policy, tokens, response_mask)
-        if precomputed is not None:
-            ref_chosen, ref_rejected = precomputed.to(device).unbind(1)
-        else:
-            with torch.no_grad():
-                ref_chosen, ref_rejected = dpo.concatenated_logps(reference, tokens, response_mask)
-        losses, _, _ = dpo.dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, trainer.beta)
-        return losses.mean(), {}
-
     def step():
-        common.optimizer_step(policy, optimizer, [pairs], loss_fn, trainer.lr, trainer.grad_clip, device, step=0)
+        common.optimizer_step(policy, optimizer, [pairs],
+                              lambda batch: dpo.preference_loss(policy, batch, cfg.block_size, trainer.beta, reference, precomputed),
+                              trainer.lr, trainer.grad_clip, device, step=0)
 
     seconds = median_seconds(step, cfg, device)
     T = dpo.collate(pairs, cfg.block_size)[0].size(1)  # the padded length of both rows of a pair

@@ -39,7 +39,7 @@ def run_main(main):
 def parse_config(config_cls, argv=None, presets=None, default_preset=None, description=None):
     """argparse generated from a config dataclass: one --flag per field, defaults shown in --help.
     A preset is a dict of overrides applied before the flags the user typed."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=description)
     if presets:
         parser.add_argument("--preset", choices=sorted(presets), default=default_preset,
                             help="a named set of overrides (default: by device)")
@@ -92,7 +92,9 @@ def peak_flops(device):
     if not device.startswith("cuda"):
         return None
     name = torch.cuda.get_device_name(device)
-    for key, flops in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L4", 121e12), ("4090", 165e12)):
+    # datasheet dense bf16 peaks; the more specific names first ("H100 PCIe" before "H100", "L40S" before "L4")
+    for key, flops in (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
+                       ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("4090", 165e12)):
         if key in name:
             return flops
     return None
@@ -220,7 +222,8 @@ def batch_indices(step, batch_size, n, seed):
     of the step, so a resumed run sees exactly the batches an uninterrupted run would."""
     positions = np.arange(step * batch_size, (step + 1) * batch_size)
     epochs = positions // n
-    return [int(np.random.default_rng([seed, int(e)]).permutation(n)[p % n]) for e, p in zip(epochs, positions)]
+    permutations = {int(e): np.random.default_rng([seed, int(e)]).permutation(n) for e in np.unique(epochs)}
+    return [int(permutations[int(e)][p % n]) for e, p in zip(epochs, positions)]
 
 
 # ---------------------------------------------------------------------------- files

@@ -6,6 +6,7 @@ an extracted aclImdb/ folder is walked. Splits: train (25k labelled), test (25k 
 unsup (50k unlabelled). Token ids are cached on disk as a uint16 memmap, one end-of-text token
 after every review, so a second run starts in seconds.
 """
+import gzip
 import hashlib
 import os
 import sys
@@ -104,8 +105,10 @@ def _iter_files(path):
                     with open(full, "rb") as fh:
                         yield full, fh.read()
         return
-    try:
-        with tarfile.open(path, "r|*") as tar:
+    try:  # through gzip, which raises EOFError on any truncation (tarfile alone may stop early quietly)
+        with open(path, "rb") as f:
+            gzipped = f.read(2) == b"\x1f\x8b"
+        with (gzip.open(path) if gzipped else open(path, "rb")) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
             for member in tar:
                 if member.isfile() and _review_key(member.name):
                     yield member.name, tar.extractfile(member).read()

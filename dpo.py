@@ -166,6 +166,28 @@ def reference_logps(reference, pairs, batch_size, max_length, device, append_eot
     return torch.cat(out)
 
 
+def preference_loss(policy, pairs, max_length, beta, reference=None, precomputed=None, label_smoothing=0.0,
+                    loss_type="sigmoid", append_eot=True):
+    """Mean DPO loss of a batch of pairs and the metrics practitioners know, from one forward pass of
+    the policy over [chosen; rejected] and either a live frozen reference or its precomputed
+    log-probs (B, 2)."""
+    device = next(policy.parameters()).device
+    tokens, response_mask = collate(pairs, max_length, device, append_eot)  # (2B, T)
+    policy_chosen, policy_rejected = concatenated_logps(policy, tokens, response_mask)
+    if precomputed is not None:
+        ref_chosen, ref_rejected = precomputed.to(device).unbind(1)
+    else:
+        with torch.no_grad():
+            ref_chosen, ref_rejected = concatenated_logps(reference, tokens, response_mask)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                                                        beta, label_smoothing, loss_type)
+    return losses.mean(), {
+        "rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "logps/chosen": policy_chosen.detach().mean(), "logps/rejected": policy_rejected.detach().mean()}
+
+
 # ---------------------------------------------------------------------------- the trainer
 @dataclass
 class DPOConfig:
@@ -254,20 +276,9 @@ def train_dpo(cfg, pairs=None, evaluate=None):
 
     def loss_fn(indices):
         indices = common.local_slice(indices)  # this rank's share of the micro-batch
-        tokens, response_mask = collate([pairs[i] for i in indices], max_length, device, cfg.append_eot)  # (2B, T)
-        policy_chosen, policy_rejected = concatenated_logps(train_forward, tokens, response_mask)
-        if precomputed is not None:
-            ref_chosen, ref_rejected = precomputed[indices].to(device).unbind(1)
-        else:
-            with torch.no_grad():
-                ref_chosen, ref_rejected = concatenated_logps(reference, tokens, response_mask)
-        losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-                                                            cfg.beta, cfg.label_smoothing, cfg.loss_type)
-        return losses.mean(), {
-            "rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-            "logps/chosen": policy_chosen.detach().mean(), "logps/rejected": policy_rejected.detach().mean()}
+        return preference_loss(train_forward, [pairs[i] for i in indices], max_length, cfg.beta, reference,
+                               None if precomputed is None else precomputed[indices],
+                               cfg.label_smoothing, cfg.loss_type, cfg.append_eot)
 
     def save():
         common.save_checkpoint(ckpt_path, {

@@ -186,8 +186,9 @@ class GPT(nn.Module):
         tensors = read_safetensors(path)
         tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()
                    if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # causal-mask buffers
-        if "wte.weight" not in tensors:
-            raise ValueError(f"{path} does not hold GPT-2 weights (no 'wte.weight' tensor)")
+        for name in ("wte.weight", "wpe.weight", "h.0.attn.c_attn.weight"):
+            if name not in tensors:
+                raise ValueError(f"{path} does not hold GPT-2 weights (no '{name}' tensor)")
         vocab_size, n_embd = tensors["wte.weight"].shape
         n_layer = 1 + max(int(k.split(".")[1]) for k in tensors if k.startswith("h."))
         n_head = next((s["n_head"] for s in sizes.values() if s["n_layer"] == n_layer and s["n_embd"] == n_embd),

@@ -27,7 +27,7 @@ def next_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     if top_p < 1.0:  # nucleus: keep the smallest set of tokens whose probability reaches top_p
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
-        outside = probs.cumsum(-1) - probs > top_p  # mass before this token already reaches top_p
+        outside = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, -math.inf))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -86,7 +86,7 @@ def build_model(cfg, device):
 def random_windows(tokens, n, length, seed):
     """n windows of `length` + 1 tokens at random offsets of a token stream. (n, length + 1)"""
     rng = np.random.default_rng(seed)
-    starts = rng.integers(0, len(tokens) - length - 1, size=n)
+    starts = rng.integers(0, len(tokens) - length, size=n)  # the last window ends on the last token
     return torch.from_numpy(np.stack([tokens[s:s + length + 1].astype(np.int64) for s in starts]))
 
 

@@ -32,7 +32,7 @@ def read_log(out, name="sft"):
 
 
 def float64_loss(model, tokens, length=16):
-    """Mean next-token cross-entropy over every window of the stream, by log-sum-exp in float64."""
+    """Mean next-token cross-entropy over 12 windows at every phase of the pattern, by log-sum-exp in float64."""
     windows = torch.from_numpy(np.stack([tokens[s:s + length + 1].astype(np.int64) for s in range(0, 60, 5)]))
     with torch.no_grad():
         logits = model(windows[:, :-1]).double()  # (B, T, V)

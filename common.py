@@ -46,14 +46,15 @@ def parse_config(config_cls, argv=None, presets=None, default_preset=None, descr
     for f in dataclasses.fields(config_cls):
         flag = "--" + f.name.replace("_", "-")
         default = f.default
-        help_text = f.metadata.get("help", " ")
+        overrides = ", ".join(f"{name} {values[f.name]}" for name, values in sorted((presets or {}).items()) if f.name in values)
+        help_text = f.metadata.get("help", " ") + f" (default: {default}" + (f"; preset {overrides})" if overrides else ")")
         if f.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"{help_text} (default: {default})")
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             kind = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
             if default is None:
                 kind = str
-            parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=f"{help_text} (default: {default})")
+            parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=help_text)
     args = parser.parse_args(argv)
     values = dict(presets[args.preset]) if presets and args.preset else {}
     values.update({k: v for k, v in vars(args).items() if v is not None and k != "preset"})
@@ -280,6 +281,32 @@ def load_model(path, kinds=("sft", "dpo"), dropout=0.0):
     model = GPT(GPTConfig(**{**ckpt["model_config"], "dropout": dropout}))
     load_state(model, ckpt["model"], path)
     return model
+
+
+def resume(path, kind, cfg, keys, model, optimizer):
+    """Continue a run from its checkpoint, if there is one: restore model, optimizer and RNG state
+    and return (step, checkpoint); (0, None) for a fresh run. A checkpoint whose config differs
+    from cfg in any of `keys` belongs to another run and is refused, untouched."""
+    if not os.path.exists(path):
+        return 0, None
+    ckpt = load_checkpoint(path, kind=kind)
+    saved = ckpt["config"]
+    differs = [f"{k}: {saved.get(k)} vs {getattr(cfg, k)}" for k in keys if saved.get(k) != getattr(cfg, k)]
+    if differs:
+        raise UserError(f"{path} belongs to a run with a different config ({', '.join(differs)}); "
+                        f"use another --out, or move that file away to start over")
+    load_state(model, ckpt["model"], path)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    set_rng_state(ckpt["rng"])
+    print0(f"resuming {path} at step {ckpt['step']}")
+    return ckpt["step"], ckpt
+
+
+def training_checkpoint(kind, model, optimizer, cfg, step, **extra):
+    """What a checkpoint holds: enough to rebuild the model and continue the same trajectory."""
+    return {"kind": kind, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "model_config": dataclasses.asdict(model.config), "config": dataclasses.asdict(cfg),
+            "step": step, "rng": rng_state(), **extra}
 
 
 def load_state(module, state, path):

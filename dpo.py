@@ -11,7 +11,6 @@ and maximum likelihood over preference pairs is the DPO loss (Eq. 7):
 
     python dpo.py --sft out/sft.pt --pairs my_pairs.jsonl --out out/my_dpo
 """
-import dataclasses
 import json
 import os
 import time
@@ -51,6 +50,9 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     if loss_type == "sigmoid":
         # Eq. 7: L = -log sigma(beta * d); with label_smoothing eps the labels are flipped with
         # probability eps (conservative DPO): L = -(1 - eps) log sigma(beta d) - eps log sigma(-beta d)
+        # Its gradient (Sec. 4), which autograd takes from this line:
+        #   -beta * sigma(r(x, y_l) - r(x, y_w)) * (grad log pi(y_w|x) - grad log pi(y_l|x)),
+        # so the pairs the implicit reward ranks wrongly weigh the most.
         losses = -(1 - label_smoothing) * F.logsigmoid(beta * d) - label_smoothing * F.logsigmoid(-beta * d)
     elif loss_type == "ipo":  # IPO (Azar et al. 2023): regress d onto 1 / (2 beta)
         losses = (d - 1 / (2 * beta)) ** 2
@@ -221,12 +223,12 @@ class DPOConfig:
         check(self.beta > 0, f"--beta must be > 0, got {self.beta}")
         check(self.loss_type in ("sigmoid", "ipo", "hinge"), f"--loss-type must be sigmoid, ipo or hinge, got {self.loss_type!r}")
         check(0 <= self.label_smoothing < 0.5, f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        check(self.batch_size > 0 and self.micro_batch_size > 0, f"--batch-size and --micro-batch-size must be positive")
+        check(self.batch_size > 0 and self.micro_batch_size > 0, "--batch-size and --micro-batch-size must be positive")
         check(self.batch_size % self.micro_batch_size == 0,
               f"--batch-size {self.batch_size} must be a multiple of --micro-batch-size {self.micro_batch_size}")
         check(self.optimizer in ("rmsprop", "adamw"), f"--optimizer must be rmsprop or adamw, got {self.optimizer!r}")
         check(self.lr > 0 and self.warmup_steps >= 0 and self.grad_clip >= 0, "--lr must be > 0; --warmup-steps, --grad-clip >= 0")
-        check(self.epochs > 0 and self.max_steps >= 0, f"--epochs must be > 0 and --max-steps >= 0")
+        check(self.epochs > 0 and self.max_steps >= 0, "--epochs must be > 0 and --max-steps >= 0")
         check(self.max_length == 0 or self.max_length >= 3, f"--max-length must be 0 or at least 3, got {self.max_length}")
         for name in ("log_interval", "eval_interval", "save_interval"):
             check(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive")
@@ -250,20 +252,9 @@ def train_dpo(cfg, pairs=None, evaluate=None):
     else:
         optimizer = common.adamw(policy, cfg.lr, cfg.weight_decay, (0.9, 0.999), device)
     ckpt_path = os.path.join(cfg.out, f"{cfg.name}.pt")
-    step = 0
-    if os.path.exists(ckpt_path):
-        ckpt = common.load_checkpoint(ckpt_path, kind="dpo")
-        differs = [k for k in ("sft", "pairs", "beta", "loss_type", "label_smoothing", "batch_size", "optimizer", "lr",
-                               "warmup_steps", "max_length", "append_eot", "seed")
-                   if ckpt["config"].get(k) != getattr(cfg, k)]
-        if differs:
-            raise UserError(f"{ckpt_path} belongs to a run with a different config ({', '.join(differs)} differ); "
-                            f"use another --out, or move that file away to start over")
-        common.load_state(policy, ckpt["model"], ckpt_path)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        common.set_rng_state(ckpt["rng"])
-        step = ckpt["step"]
-        common.print0(f"resuming {ckpt_path} at step {step}/{total}")
+    step, _ = common.resume(ckpt_path, "dpo", cfg, ("sft", "pairs", "beta", "loss_type", "label_smoothing", "batch_size",
+                                                    "optimizer", "lr", "warmup_steps", "max_length", "append_eot", "seed"),
+                            policy, optimizer)
 
     precomputed = None
     if cfg.precompute_ref:
@@ -279,12 +270,6 @@ def train_dpo(cfg, pairs=None, evaluate=None):
         return preference_loss(train_forward, [pairs[i] for i in indices], max_length, cfg.beta, reference,
                                None if precomputed is None else precomputed[indices],
                                cfg.label_smoothing, cfg.loss_type, cfg.append_eot)
-
-    def save():
-        common.save_checkpoint(ckpt_path, {
-            "kind": "dpo", "model": policy.state_dict(), "optimizer": optimizer.state_dict(),
-            "model_config": dataclasses.asdict(policy.config), "config": dataclasses.asdict(cfg),
-            "step": step, "rng": common.rng_state()})
 
     progress = common.Progress(f"{cfg.name}", total, os.path.join(cfg.out, f"{cfg.name}_log.jsonl"), unit="pairs",
                                start_step=step)
@@ -305,7 +290,7 @@ def train_dpo(cfg, pairs=None, evaluate=None):
             progress.record({"step": step, **evaluate(step, policy)})
             policy.train()
         if step % cfg.save_interval == 0 or step == total:
-            save()
+            common.save_checkpoint(ckpt_path, common.training_checkpoint("dpo", policy, optimizer, cfg, step))
     return ckpt_path
 
 

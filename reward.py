@@ -7,7 +7,6 @@ with the policy.
 
     python reward.py --sft out/sft.pt --out out
 """
-import dataclasses
 import os
 from dataclasses import dataclass, field
 
@@ -26,6 +25,7 @@ from sample import left_pad
 class RewardModel(nn.Module):
     def __init__(self, config):
         super().__init__()
+        self.config = config
         self.gpt = GPT(config)  # only the trunk is used; the tied LM head adds no parameters
         self.head = nn.Linear(config.n_embd, 1)
 
@@ -112,20 +112,10 @@ def train_reward(cfg, imdb):
     model.to(device).train()
     optimizer = common.adamw(model, cfg.lr, cfg.weight_decay, (0.9, 0.99), device)
     train = imdb["train"]
-    step = 0
-    if os.path.exists(ckpt_path):
-        ckpt = common.load_checkpoint(ckpt_path, kind="reward")
-        differs = [k for k in ("sft", "max_len", "batch_size", "max_steps", "lr", "seed") if ckpt["config"].get(k) != getattr(cfg, k)]
-        if differs:
-            raise UserError(f"{ckpt_path} belongs to a run with a different config ({', '.join(differs)} differ); "
-                            f"use another --out, or move that file away to start over")
-        common.load_state(model, ckpt["model"], ckpt_path)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        common.set_rng_state(ckpt["rng"])
-        step = ckpt["step"]
-        common.print0(f"resuming {ckpt_path} at step {step}/{cfg.max_steps}")
-        if step >= cfg.max_steps:
-            return ckpt_path, ckpt["test_accuracy"]
+    step, ckpt = common.resume(ckpt_path, "reward", cfg, ("sft", "max_len", "min_len", "batch_size", "max_steps", "lr", "seed"),
+                               model, optimizer)
+    if ckpt and ckpt["test_accuracy"] is not None:
+        return ckpt_path, ckpt["test_accuracy"]
 
     train_forward = common.data_parallel(model, device)  # under torchrun; the model itself otherwise
 
@@ -135,10 +125,8 @@ def train_reward(cfg, imdb):
         return F.binary_cross_entropy_with_logits(logits.float(), labels), {"acc": ((logits > 0).float() == labels).float().mean()}
 
     def save(test_accuracy=None):
-        common.save_checkpoint(ckpt_path, {
-            "kind": "reward", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "model_config": dataclasses.asdict(sft.config), "config": dataclasses.asdict(cfg),
-            "step": step, "rng": common.rng_state(), "test_accuracy": test_accuracy})
+        common.save_checkpoint(ckpt_path, common.training_checkpoint("reward", model, optimizer, cfg, step,
+                                                                     test_accuracy=test_accuracy))
 
     progress = common.Progress("reward", cfg.max_steps, os.path.join(cfg.out, "reward_log.jsonl"), unit="reviews", start_step=step)
     while step < cfg.max_steps:

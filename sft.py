@@ -5,9 +5,7 @@ split is held out for validation and, later, evaluation prompts). From scratch o
     python sft.py                      # preset by device: cpu (minutes on 2 cores) or gpu
     python sft.py --init gpt2 --preset gpu
 """
-import dataclasses
 import os
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,7 +17,8 @@ from common import UserError, check
 from data import load_imdb
 from model import GPT, GPTConfig
 
-MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size")
+# a checkpoint continues only the run these settings define
+RESUME_FIELDS = ("init", "n_layer", "n_head", "n_embd", "block_size", "seed", "batch_size", "grad_accum", "max_steps", "lr")
 
 
 @dataclass
@@ -122,23 +121,10 @@ def train_lm(cfg, train_tokens, val_tokens):
     if cfg.block_size > model.config.block_size:
         raise UserError(f"--block-size {cfg.block_size} exceeds the model's context of {model.config.block_size}")
     optimizer = common.adamw(model, cfg.lr, cfg.weight_decay, (0.9, 0.95), device)
-    step = 0
-    if os.path.exists(ckpt_path):  # resume: same trajectory as an uninterrupted run
-        ckpt = common.load_checkpoint(ckpt_path, kind="sft")
-        saved = ckpt["config"]
-        differs = [k for k in MODEL_FIELDS + ("init", "seed", "batch_size", "grad_accum", "max_steps", "lr")
-                   if saved.get(k) != getattr(cfg, k)]
-        if differs:
-            raise UserError(f"{ckpt_path} belongs to a run with a different config ({', '.join(f'{k}: {saved.get(k)} vs {getattr(cfg, k)}' for k in differs)}); "
-                            f"use another --out, or move that file away to start over")
-        common.load_state(model, ckpt["model"], ckpt_path)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        common.set_rng_state(ckpt["rng"])
-        step = ckpt["step"]
-        common.print0(f"resuming {ckpt_path} at step {step}/{cfg.max_steps}")
+    step, _ = common.resume(ckpt_path, "sft", cfg, RESUME_FIELDS, model, optimizer)
     if step >= cfg.max_steps:
         return ckpt_path
-    common.print0(f"{cfg.name}: {model.num_params() / 1e6:.1f}M parameters, {len(train_tokens) / 1e6:.1f}M training tokens, "
+    common.print0(f"{cfg.name}: {model.num_params() / 1e6:.1f}M parameters, {len(train_tokens):,} training tokens, "
           f"device {device}")
     model.train()
     forward = torch.compile(model) if cfg.compile and device.startswith("cuda") else model
@@ -147,12 +133,6 @@ def train_lm(cfg, train_tokens, val_tokens):
     flops_per_token = model.flops_per_token(cfg.block_size)
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
     progress = common.Progress(cfg.name, cfg.max_steps, os.path.join(cfg.out, f"{cfg.name}_log.jsonl"), start_step=step)
-
-    def save():
-        common.save_checkpoint(ckpt_path, {
-            "kind": "sft", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "model_config": dataclasses.asdict(model.config), "config": dataclasses.asdict(cfg),
-            "step": step, "rng": common.rng_state()})
 
     while step < cfg.max_steps:
         micro = [common.local_slice(random_windows(train_tokens, cfg.batch_size, cfg.block_size, seed=[cfg.seed, step, m])).to(device)
@@ -170,7 +150,7 @@ def train_lm(cfg, train_tokens, val_tokens):
                 shown["val_loss"] = validation_loss(model, val_tokens, cfg, device)
             progress.line(step, shown, peak_flops=peak, flops_per_unit=flops_per_token)
         if step % cfg.save_interval == 0 or step == cfg.max_steps:
-            save()
+            common.save_checkpoint(ckpt_path, common.training_checkpoint("sft", model, optimizer, cfg, step))
     return ckpt_path
 
 

@@ -25,8 +25,8 @@ import torch
 
 import common
 from common import UserError, check
-from data import get_encoding, load_imdb, make_prefixes
-from dpo import DPOConfig, PreferencePair, train_dpo
+from data import EOT, get_encoding, load_imdb, make_prefixes
+from dpo import DPOConfig, train_dpo
 from evaluate import evaluate_policy, plot_frontier
 from reward import RewardConfig, load_reward_model, train_reward
 from sample import generate
@@ -185,7 +185,7 @@ def stage_pairs(cfg, imdb, device):
         common.atomic_write(path(cfg, "pairs.jsonl"), lambda f: f.write("".join(json.dumps(p) + "\n" for p in pairs).encode()))
     gap = float(np.mean([p["chosen_reward"] - p["rejected_reward"] for p in pairs]))
     common.print0(f"pairs: {len(pairs)} pairs from {len(prompts)} prefixes, mean reward {rewards.mean():.3f}, "
-          f"mean chosen-rejected reward gap {gap:.3f}")
+                  f"mean chosen-rejected reward gap {gap:.3f}")
     return {"pairs": len(pairs), "prefixes": len(prompts), "mean_reward_gap": gap, "sft_sample_reward": float(rewards.mean()),
             "sampling_tokens_per_s": len(repeated) * cfg.max_new_tokens / sample_time}
 
@@ -245,7 +245,7 @@ def stage_baselines(cfg, evaluator, device):
                 key = tuple(p["prompt_ids"])
                 if key not in best or p["chosen_reward"] > best[key][1]:
                     best[key] = (p["prompt_ids"] + p["chosen_ids"], p["chosen_reward"])
-        stream = np.array([t for seq, _ in best.values() for t in seq + [50256]], dtype=np.uint16)
+        stream = np.array([t for seq, _ in best.values() for t in seq + [EOT]], dtype=np.uint16)
         pft_cfg = SFTConfig(out=cfg.out, name="preferred_ft", init=path(cfg, "sft.pt"), block_size=cfg.block_size,
                             batch_size=cfg.sft_batch_size, max_steps=cfg.pft_steps, lr=cfg.pft_lr, min_lr=cfg.pft_lr,
                             warmup_steps=1, log_interval=max(1, cfg.pft_steps // 5), eval_interval=cfg.pft_steps,
@@ -255,10 +255,10 @@ def stage_baselines(cfg, evaluator, device):
     return {}
 
 
-def read_rows(path_):
+def read_rows(jsonl):
     """JSONL rows, the last one kept for each (method, beta, step): a resumed run repeats a few evaluations."""
     rows = {}
-    with open(path_) as f:
+    with open(jsonl) as f:
         for line in f:
             row = json.loads(line)
             rows[(row["method"], row["beta"], row["step"])] = row

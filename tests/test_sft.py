@@ -89,7 +89,7 @@ def test_resumed_run_ends_exactly_where_the_uninterrupted_run_ends(uninterrupted
     capsys.readouterr()
     sft.train_lm(tiny_config(out, dropout=0.1), STREAM, STREAM)
     assert steps_run == [3, 4, 5]  # resumed at step 3, not from scratch
-    assert "at step 3/6" in capsys.readouterr().out
+    assert "at step 3\n" in capsys.readouterr().out
 
     a = torch.load(uninterrupted / "sft.pt", weights_only=True)
     b = torch.load(out / "sft.pt", weights_only=True)

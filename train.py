@@ -128,7 +128,7 @@ def stage_sft(cfg, imdb):
     sft_cfg.validate()
     train_tokens = np.concatenate([imdb["train"].tokens, imdb["unsup"].tokens])  # test is held out
     train_lm(sft_cfg, train_tokens, imdb["test"].tokens)
-    return {}
+    return throughput([path(cfg, "sft_log.jsonl")], "tok_per_s", "sft_")
 
 
 def stage_reward(cfg, imdb):
@@ -139,7 +139,7 @@ def stage_reward(cfg, imdb):
                               seed=cfg.seed, device=cfg.device)
     reward_cfg.validate()
     _, accuracy = train_reward(reward_cfg, imdb)
-    return {"reward_test_accuracy": accuracy}
+    return {"reward_test_accuracy": accuracy, **throughput([path(cfg, "reward_log.jsonl")], "reviews_per_s", "reward_")}
 
 
 def all_pairs(prompt, completions, rewards):
@@ -226,7 +226,8 @@ def stage_dpo(cfg, evaluator):
         dpo_cfg.validate()
         train_dpo(dpo_cfg, evaluate=lambda step, policy: evaluator(policy, "DPO", beta, step, os.path.join(run, "eval.jsonl"))[0])
         mark_done(os.path.join(run, "done"))
-    return {}
+    return throughput([os.path.join(path(cfg, f"dpo_beta{b:g}"), "dpo_log.jsonl") for b in cfg.beta_list()],
+                      "pairs_per_s", "dpo_")
 
 
 def stage_baselines(cfg, evaluator, device):
@@ -252,7 +253,7 @@ def stage_baselines(cfg, evaluator, device):
                             eval_batches=2, save_interval=cfg.pft_steps, seed=cfg.seed, device=cfg.device, compile=False)
         pft_path = train_lm(pft_cfg, stream, stream)
         evaluator(common.load_model(pft_path).to(device), "Preferred-FT", None, cfg.pft_steps, log)
-    return {}
+    return throughput([path(cfg, "preferred_ft_log.jsonl")], "tok_per_s", "preferred_ft_")
 
 
 def read_rows(jsonl):
@@ -304,6 +305,21 @@ def stage_report(cfg, evaluator, device, summary):
     common.atomic_write(path(cfg, "report.md"), lambda f: f.write(
         f"# Results\n\n{table_text}\n\nstage summary: {json.dumps(summary, indent=1)}\n\n# Samples\n\n{samples}\n".encode()))
     return {}
+
+
+def throughput(log_paths, key, prefix):
+    """The median rate (and MFU, on GPU) over the trainers' progress lines: the median, because
+    the lines of evaluation steps include the evaluation's time."""
+    rows = []
+    for log_path in filter(os.path.exists, log_paths):
+        with open(log_path) as f:
+            rows += [json.loads(line) for line in f]
+    result = {}
+    for name in (key, "mfu"):
+        values = [row[name] for row in rows if name in row]
+        if values:
+            result[prefix + name] = float(np.median(values))
+    return result
 
 
 # ---------------------------------------------------------------------------- ordering the stages
@@ -405,7 +421,8 @@ def main():
         summary[stage] = {"seconds": round(time.time() - t0, 1), **result, "device": device,
                           "hardware": torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU x{os.cpu_count()}"}
         common.save_json(times_path, summary)
-        common.print0(f"=== {stage}: {summary[stage]['seconds']:.0f}s")
+        rates = "".join(f", {k} {v:.3g}" for k, v in result.items() if k.endswith(("_per_s", "mfu")))
+        common.print0(f"=== {stage}: {summary[stage]['seconds']:.0f}s{rates}")
     common.print0("stage times: " + ", ".join(f"{k} {v['seconds']:.0f}s" for k, v in summary.items()))
 
 

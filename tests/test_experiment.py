@@ -169,3 +169,6 @@ def test_smoke_pipeline_writes_results_and_resumes_after_a_kill(tmp_path, tiny_i
     assert all(p["chosen_reward"] >= p["rejected_reward"] for p in pairs)
     times = json.load(open(out / "stage_times.json"))
     assert {"sft", "reward", "dpo", "baselines", "report"} <= set(times)  # pairs' time may die with the kill
+    assert times["sft"]["sft_tok_per_s"] > 0 and times["dpo"]["dpo_pairs_per_s"] > 0
+    assert times["baselines"]["preferred_ft_tok_per_s"] > 0
+    assert times["reward"]["reward_reviews_per_s"] > 0 and 0 <= times["reward"]["reward_test_accuracy"] <= 1

@@ -298,12 +298,13 @@ def stage_report(cfg, evaluator, device, summary):
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
         completions = generate(model.to(device).eval(), prompts, cfg.max_new_tokens, stop_at_eot=False, generator=generator)
         scores = evaluator.reward_model.score([p + c for p, c in zip(prompts, completions)])
-        lines.append(f"## {name}")
-        lines += [f"- [{s:.2f}] **{enc.decode(p)}**{enc.decode(c)!r}" for p, c, s in zip(prompts, completions, scores)]
+        lines.append(name)  # [reward] prefix|completion, one line each
+        lines += [f"[{s:.2f}] {enc.decode(p)}|{enc.decode(c)}".replace("\n", "\\n") for p, c, s in zip(prompts, completions, scores)]
     samples = "\n".join(lines)
     print(samples)
     common.atomic_write(path(cfg, "report.md"), lambda f: f.write(
-        f"# Results\n\n{table_text}\n\nstage summary: {json.dumps(summary, indent=1)}\n\n# Samples\n\n{samples}\n".encode()))
+        f"# Results\n\n{table_text}\n\nstage summary: {json.dumps(summary, indent=1)}\n\n"
+        f"# Samples\n\n[reward] prefix|completion\n```\n{samples}\n```\n".encode()))
     return {}
 
 

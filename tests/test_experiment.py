@@ -172,3 +172,9 @@ def test_smoke_pipeline_writes_results_and_resumes_after_a_kill(tmp_path, tiny_i
     assert times["sft"]["sft_tok_per_s"] > 0 and times["dpo"]["dpo_pairs_per_s"] > 0
     assert times["baselines"]["preferred_ft_tok_per_s"] > 0
     assert times["reward"]["reward_reviews_per_s"] > 0 and 0 <= times["reward"]["reward_test_accuracy"] <= 1
+    samples = (out / "report.md").read_text().split("```\n")[1]  # the fenced block: the same prefixes before and after DPO
+    before, after = samples.split("SFT\n", 1)[1].split("DPO beta=0.1\n")
+
+    def prefixes(block):  # lines "[reward] prefix|completion"
+        return [line.split("|")[0][len("[0.00] "):] for line in block.strip().splitlines()]
+    assert len(prefixes(before)) == 5 and prefixes(before) == prefixes(after)

@@ -352,13 +352,13 @@ class Progress:
     def line(self, step, metrics, show=None, peak_flops=None, flops_per_unit=None):
         """Print one line (the metrics named in `show`, default all) and record all of them.
         Rate and ETA are measured since the previous line; MFU where the peak is known."""
+        if not is_main():
+            return
         now = time.time()
         rate = self.count / max(now - self.last_t, 1e-9)
         steps_per_s = (step - self.last_step) / max(now - self.last_t, 1e-9)
         eta = (self.total - step) / max(steps_per_s, 1e-9)
         row = {"step": step, **metrics, f"{self.unit}_per_s": rate, "time": now - self.t0}
-        if not is_main():
-            return rate
         shown = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                            for k, v in metrics.items() if show is None or k in show)
         mfu = ""
@@ -368,7 +368,6 @@ class Progress:
         print(f"{self.name} step {step}/{self.total} | {shown} | {_si(rate)} {self.unit}/s{mfu} | eta {format_seconds(eta)}", flush=True)
         self.record(row)
         self.last_t, self.last_step, self.count = now, step, 0
-        return rate
 
     def record(self, row):
         if self.log_path and is_main():

@@ -93,6 +93,10 @@ class TrainConfig:
         check(self.sft_lr > 0 and self.reward_lr > 0 and self.dpo_lr > 0 and self.pft_lr > 0, "learning rates must be > 0")
         check(8 + self.max_new_tokens <= self.block_size,
               f"an 8-token prefix plus --max-new-tokens {self.max_new_tokens} exceeds --block-size {self.block_size}")
+        shortest_pft_text = self.n_prefixes * (2 + self.max_new_tokens + 1)  # best completions: prefix + sample + EOT
+        check(self.pft_steps == 0 or shortest_pft_text > self.block_size + 1,
+              f"Preferred-FT trains on windows of --block-size + 1 = {self.block_size + 1} tokens, but --n-prefixes "
+              f"{self.n_prefixes} best completions may hold only {shortest_pft_text}; raise --n-prefixes or pass --pft-steps 0")
         try:
             betas = self.beta_list()
         except ValueError:

@@ -148,6 +148,7 @@ def test_out_folder_of_another_run_is_refused_and_left_untouched(tmp_path, tiny_
     (train.TrainConfig, train.PRESETS, ["--max-new-tokens", "-4"], "--max-new-tokens must be positive"),
     (train.TrainConfig, train.PRESETS, ["--stage", "ppo"], "--stage must be all or one of"),
     (train.TrainConfig, train.PRESETS, ["--preset", "tpu"], "invalid choice: 'tpu'"),
+    (train.TrainConfig, train.PRESETS, ["--preset", "gpu", "--n-prefixes", "4"], "Preferred-FT trains on windows"),
     (dpo.DPOConfig, None, ["--beta", "-0.1"], "--beta must be > 0"),
     (dpo.DPOConfig, None, ["--batch-size", "64", "--micro-batch-size", "48"], "must be a multiple of"),
     (dpo.DPOConfig, None, ["--loss-type", "kto"], "--loss-type must be sigmoid, ipo or hinge"),

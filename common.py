@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import sys
 import time
 
@@ -262,6 +263,9 @@ def load_checkpoint(path, kind=None):
         raise UserError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # not a pickle, or one that names code (weights_only loads no functions or classes)
+        raise UserError(f"{path} is not a readable checkpoint: it is not a file of tensors and plain containers "
+                        f"(anything that would run code on loading is refused); pass a checkpoint written by this project") from None
     except Exception as e:  # torch raises several types for truncated or foreign files
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]}); "
                         f"it may be truncated or not from this project; retrain or pass another file") from None

@@ -289,21 +289,26 @@ def load_model(path, kinds=("sft", "dpo"), dropout=0.0):
 
 def resume(path, kind, cfg, keys, model, optimizer):
     """Continue a run from its checkpoint, if there is one: restore model, optimizer and RNG state
-    and return (step, checkpoint); (0, None) for a fresh run. A checkpoint whose config differs
-    from cfg in any of `keys` belongs to another run and is refused, untouched."""
+    and return (step, checkpoint); (0, None) for a fresh run. A checkpoint of another run (its
+    config differs from cfg in any of `keys`) is refused, untouched."""
     if not os.path.exists(path):
         return 0, None
     ckpt = load_checkpoint(path, kind=kind)
-    saved = ckpt["config"]
-    differs = [f"{k}: {saved.get(k)} vs {getattr(cfg, k)}" for k in keys if saved.get(k) != getattr(cfg, k)]
-    if differs:
-        raise UserError(f"{path} belongs to a run with a different config ({', '.join(differs)}); "
-                        f"use another --out, or move that file away to start over")
+    check_same_run(path, ckpt, cfg, keys)
     load_state(model, ckpt["model"], path)
     optimizer.load_state_dict(ckpt["optimizer"])
     set_rng_state(ckpt["rng"])
     print0(f"resuming {path} at step {ckpt['step']}")
     return ckpt["step"], ckpt
+
+
+def check_same_run(path, ckpt, cfg, keys):
+    """A checkpoint whose config differs from cfg in any of `keys` belongs to another run: refused, untouched."""
+    saved = ckpt["config"]
+    differs = [f"{k}: {saved.get(k)} vs {getattr(cfg, k)}" for k in keys if saved.get(k) != getattr(cfg, k)]
+    if differs:
+        raise UserError(f"{path} belongs to a run with a different config ({', '.join(differs)}); "
+                        f"use another --out, or move that file away to start over")
 
 
 def training_checkpoint(kind, model, optimizer, cfg, step, **extra):

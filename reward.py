@@ -21,6 +21,9 @@ from data import load_imdb
 from model import GPT, GPTConfig
 from sample import left_pad
 
+# a checkpoint continues only the run these settings define
+RESUME_FIELDS = ("sft", "max_len", "min_len", "batch_size", "max_steps", "lr", "seed")
+
 
 class RewardModel(nn.Module):
     def __init__(self, config):
@@ -112,8 +115,7 @@ def train_reward(cfg, imdb):
     model.to(device).train()
     optimizer = common.adamw(model, cfg.lr, cfg.weight_decay, (0.9, 0.99), device)
     train = imdb["train"]
-    step, ckpt = common.resume(ckpt_path, "reward", cfg, ("sft", "max_len", "min_len", "batch_size", "max_steps", "lr", "seed"),
-                               model, optimizer)
+    step, ckpt = common.resume(ckpt_path, "reward", cfg, RESUME_FIELDS, model, optimizer)
     if ckpt and ckpt["test_accuracy"] is not None:
         return ckpt_path, ckpt["test_accuracy"]
 

@@ -28,9 +28,9 @@ from common import UserError, check
 from data import EOT, get_encoding, load_imdb, make_prefixes
 from dpo import DPOConfig, train_dpo
 from evaluate import evaluate_policy, plot_frontier
-from reward import RewardConfig, load_reward_model, train_reward
+from reward import RESUME_FIELDS as REWARD_RUN_FIELDS, RewardConfig, load_reward_model, train_reward
 from sample import generate
-from sft import SFTConfig, train_lm
+from sft import RESUME_FIELDS as SFT_RUN_FIELDS, SFTConfig, train_lm
 
 STAGES = ("sft", "reward", "pairs", "dpo", "baselines", "report")
 
@@ -122,7 +122,7 @@ PRESETS = {
 
 
 # ---------------------------------------------------------------------------- stages
-def stage_sft(cfg, imdb):
+def sft_config(cfg):
     sft_cfg = SFTConfig(out=cfg.out, name="sft", data=cfg.data, init=cfg.init, n_layer=cfg.n_layer, n_head=cfg.n_head,
                         n_embd=cfg.n_embd, block_size=cfg.block_size, batch_size=cfg.sft_batch_size,
                         grad_accum=cfg.sft_grad_accum, max_steps=cfg.sft_steps, lr=cfg.sft_lr, min_lr=cfg.sft_lr / 10,
@@ -130,19 +130,27 @@ def stage_sft(cfg, imdb):
                         eval_interval=max(1, cfg.sft_steps // 4), save_interval=max(1, cfg.sft_steps // 4),
                         seed=cfg.seed, device=cfg.device, compile=cfg.compile)
     sft_cfg.validate()
+    return sft_cfg
+
+
+def stage_sft(cfg, imdb):
     train_tokens = np.concatenate([imdb["train"].tokens, imdb["unsup"].tokens])  # test is held out
-    train_lm(sft_cfg, train_tokens, imdb["test"].tokens)
+    train_lm(sft_config(cfg), train_tokens, imdb["test"].tokens)
     return throughput([path(cfg, "sft_log.jsonl")], "tok_per_s", "sft_")
 
 
-def stage_reward(cfg, imdb):
+def reward_config(cfg):
     reward_cfg = RewardConfig(sft=path(cfg, "sft.pt"), out=cfg.out, data=cfg.data, max_len=cfg.reward_max_len,
                               batch_size=cfg.reward_batch_size, max_steps=cfg.reward_steps, lr=cfg.reward_lr,
                               warmup_steps=max(1, cfg.reward_steps // 10), test_reviews=cfg.reward_test_reviews,
                               log_interval=max(1, cfg.reward_steps // 10), save_interval=max(1, cfg.reward_steps // 4),
                               seed=cfg.seed, device=cfg.device)
     reward_cfg.validate()
-    _, accuracy = train_reward(reward_cfg, imdb)
+    return reward_cfg
+
+
+def stage_reward(cfg, imdb):
+    _, accuracy = train_reward(reward_config(cfg), imdb)
     return {"reward_test_accuracy": accuracy, **throughput([path(cfg, "reward_log.jsonl")], "reviews_per_s", "reward_")}
 
 
@@ -341,9 +349,9 @@ def mark_done(marker):
 def artifact_done(cfg, stage):
     """Whether a stage's artifact is complete (so the stage is skipped)."""
     if stage == "sft":
-        return _finished_checkpoint(path(cfg, "sft.pt"), cfg.sft_steps)
+        return _finished_checkpoint(path(cfg, "sft.pt"), sft_config(cfg), SFT_RUN_FIELDS)
     if stage == "reward":
-        return _finished_checkpoint(path(cfg, "reward.pt"), cfg.reward_steps)
+        return _finished_checkpoint(path(cfg, "reward.pt"), reward_config(cfg), REWARD_RUN_FIELDS)
     if stage == "pairs":
         return os.path.exists(path(cfg, "pairs.jsonl"))
     if stage == "dpo":
@@ -353,10 +361,14 @@ def artifact_done(cfg, stage):
     return False  # the report is cheap: always redone
 
 
-def _finished_checkpoint(ckpt, steps):
-    if not os.path.exists(ckpt):
+def _finished_checkpoint(ckpt_path, stage_cfg, run_fields):
+    """Whether ckpt_path holds the finished run of stage_cfg. A checkpoint of another run (for example
+    one `python sft.py` left in the same folder with its own settings) is refused, not reused."""
+    if not os.path.exists(ckpt_path):
         return False
-    return common.load_checkpoint(ckpt)["step"] >= steps
+    ckpt = common.load_checkpoint(ckpt_path)
+    common.check_same_run(ckpt_path, ckpt, stage_cfg, run_fields)
+    return ckpt["step"] >= stage_cfg.max_steps
 
 
 def forget(cfg, stage):

@@ -141,6 +141,25 @@ def test_out_folder_of_another_run_is_refused_and_left_untouched(tmp_path, tiny_
     assert json.loads((out / "config.json").read_text())["n_embd"] == 96
 
 
+def test_checkpoint_of_another_sft_run_in_out_is_refused_not_reused(tmp_path, tiny_imdb):
+    """`python sft.py` (its own settings) then `python train.py` in the same folder: train.py must not
+    skip its SFT stage on the strength of a finished checkpoint of a different run."""
+    out = tmp_path / "run"
+    sft_run = sft.SFTConfig(**{**sft.PRESETS["smoke"], "out": str(out)})  # block_size 64, 30 steps
+    ckpt = tiny_checkpoint(out / "sft.pt")
+    finished = torch.load(ckpt, weights_only=True)
+    finished.update(config=dataclasses.asdict(sft_run), step=sft_run.max_steps)
+    common.save_checkpoint(ckpt, finished)
+    before = digest(ckpt)
+    args = ["--preset", "smoke", "--data", tiny_imdb, "--no-data-verify", "--out", str(out), "--device", "cpu"]
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=tmp_path, capture_output=True,
+                            text=True, env={**os.environ, "PYTHONPATH": ROOT})
+    assert result.returncode == 2, result.stdout[-2000:]
+    assert "sft.pt belongs to a run with a different config" in result.stderr and "block_size: 64 vs 48" in result.stderr
+    assert "Traceback" not in result.stderr and "done already" not in result.stdout
+    assert digest(ckpt) == before
+
+
 @pytest.mark.parametrize("config_cls, presets, argv, message", [
     (train.TrainConfig, train.PRESETS, ["--betas", "0.1,0"], "every beta must be > 0"),
     (train.TrainConfig, train.PRESETS, ["--betas", "a,b"], "comma-separated numbers"),

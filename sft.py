@@ -23,7 +23,7 @@ RESUME_FIELDS = ("init", "n_layer", "n_head", "n_embd", "block_size", "seed", "b
 
 @dataclass
 class SFTConfig:
-    out: str = field(default="out", metadata={"help": "run folder for the checkpoint and log"})
+    out: str = field(default="out/sft", metadata={"help": "run folder for the checkpoint and log"})
     name: str = field(default="sft", metadata={"help": "checkpoint is OUT/NAME.pt, log OUT/NAME_log.jsonl"})
     data: str = field(default=None, metadata={"help": "IMDb archive or aclImdb/ folder (else $IMDB_ARCHIVE, data/, download)"})
     data_verify: bool = field(default=True, metadata={"help": "require the full 25k/25k/50k archive"})

@@ -349,9 +349,9 @@ def mark_done(marker):
 def artifact_done(cfg, stage):
     """Whether a stage's artifact is complete (so the stage is skipped)."""
     if stage == "sft":
-        return _finished_checkpoint(path(cfg, "sft.pt"), sft_config(cfg), SFT_RUN_FIELDS)
+        return _finished_checkpoint(path(cfg, "sft.pt"), "sft", sft_config(cfg), SFT_RUN_FIELDS)
     if stage == "reward":
-        return _finished_checkpoint(path(cfg, "reward.pt"), reward_config(cfg), REWARD_RUN_FIELDS)
+        return _finished_checkpoint(path(cfg, "reward.pt"), "reward", reward_config(cfg), REWARD_RUN_FIELDS)
     if stage == "pairs":
         return os.path.exists(path(cfg, "pairs.jsonl"))
     if stage == "dpo":
@@ -361,12 +361,12 @@ def artifact_done(cfg, stage):
     return False  # the report is cheap: always redone
 
 
-def _finished_checkpoint(ckpt_path, stage_cfg, run_fields):
+def _finished_checkpoint(ckpt_path, kind, stage_cfg, run_fields):
     """Whether ckpt_path holds the finished run of stage_cfg. A checkpoint of another run (for example
     one `python sft.py` left in the same folder with its own settings) is refused, not reused."""
     if not os.path.exists(ckpt_path):
         return False
-    ckpt = common.load_checkpoint(ckpt_path)
+    ckpt = common.load_checkpoint(ckpt_path, kind=kind)  # the same checks as the trainers' resume
     common.check_same_run(ckpt_path, ckpt, stage_cfg, run_fields)
     return ckpt["step"] >= stage_cfg.max_steps
 

@@ -10,21 +10,21 @@ numbers predict the real runs. FLOPs are counted explicitly; MFU where the GPU's
 """
 import copy
 import dataclasses
-import os
-import platform
 import statistics
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-import common
 import dpo
 import sample
 import sft
-from common import check
+from checkpoint import save_json
+from cli import check, parse_config, run_main
 from data import EOT
+from device import hardware_name, peak_flops, pick_device
 from model import GPT, GPTConfig
+from optim import adamw, seed_everything
 
 PROMPT_LENGTHS = (2, 8)  # prompts of DPO pairs and of sampling: 2 to 8 tokens, like IMDb review openings
 
@@ -72,7 +72,7 @@ PRESETS = {
 # ---------------------------------------------------------------------------- inputs and timing
 def new_model(cfg, device):
     """A fresh GPT-2-vocabulary model, the same random weights at every call."""
-    common.seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     return GPT(GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)).to(device)
 
 
@@ -110,16 +110,15 @@ def median_seconds(step, cfg, device):
 # output head's matmul); L layers, C width, T sequence length.
 
 def bench_sft(cfg, device):
-    """One AdamW step on batch_size x block_size tokens, as sft.train_lm takes it."""
+    """One AdamW step on batch_size x block_size tokens: sft.sft_step, as sft.train_lm takes it."""
     model = new_model(cfg, device).train()
     forward = torch.compile(model) if cfg.compile and device.startswith("cuda") else model
     trainer = sft.SFTConfig()  # the trainer's optimizer settings
-    optimizer = common.adamw(model, trainer.lr, trainer.weight_decay, (0.9, 0.95), device)
+    optimizer = adamw(model, trainer.lr, trainer.weight_decay, (0.9, 0.95), device)
     windows = torch.randint(0, EOT, (cfg.batch_size, cfg.block_size + 1), device=device)  # (B, T + 1)
 
     def step():
-        common.optimizer_step(model, optimizer, [windows], lambda b: (sft.lm_loss(forward, b), {}),
-                              trainer.lr, trainer.grad_clip, device, step=0)
+        sft.sft_step(model, optimizer, [windows], trainer.lr, trainer.grad_clip, step=0, forward=forward)
 
     seconds = median_seconds(step, cfg, device)
     T = cfg.block_size
@@ -128,7 +127,7 @@ def bench_sft(cfg, device):
 
 
 def bench_dpo(cfg, device, live_reference):
-    """One RMSprop step on dpo_batch_size pairs, with dpo.train_dpo's loss and metrics."""
+    """One RMSprop step on dpo_batch_size pairs: dpo.dpo_step, as dpo.train_dpo takes it."""
     policy = new_model(cfg, device).train()
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     trainer = dpo.DPOConfig()  # the trainer's defaults: the paper's RMSprop, lr and beta
@@ -142,9 +141,7 @@ def bench_dpo(cfg, device, live_reference):
         reference = None  # as in train_dpo: the reference model is not needed any more
 
     def step():
-        common.optimizer_step(policy, optimizer, [pairs],
-                              lambda batch: dpo.preference_loss(policy, batch, cfg.block_size, trainer.beta, reference, precomputed),
-                              trainer.lr, trainer.grad_clip, device, step=0)
+        dpo.dpo_step(policy, optimizer, [(pairs, precomputed)], reference, trainer, cfg.block_size, trainer.lr, step=0)
 
     seconds = median_seconds(step, cfg, device)
     T = dpo.collate(pairs, cfg.block_size)[0].size(1)  # the padded length of both rows of a pair
@@ -176,12 +173,6 @@ def bench_sample(cfg, device):
 
 
 # ---------------------------------------------------------------------------- the report
-def hardware(device):
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"
-
-
 def print_table(rows):
     header = ("benchmark", "config (batch x length)", "throughput", "FLOPs/unit", "MFU")
     lines = [header] + [(r["benchmark"], r["config"], f"{r['throughput']:,.1f} {r['unit']}", f"{r['flops_per_unit']:.4g}",
@@ -192,10 +183,10 @@ def print_table(rows):
 
 
 def main(argv=None):
-    cfg = common.parse_config(BenchConfig, argv, presets=PRESETS, default_preset="gpu" if torch.cuda.is_available() else "cpu",
+    cfg = parse_config(BenchConfig, argv, presets=PRESETS, default_preset="gpu" if torch.cuda.is_available() else "cpu",
                               description="Throughput and MFU of SFT, DPO and sampling on a random model.")
-    device = common.pick_device(cfg.device)
-    peak = common.peak_flops(device)
+    device = pick_device(cfg.device)
+    peak = peak_flops(device)
     print(f"bench: N = {new_model(cfg, 'cpu').num_params():,} parameters, L={cfg.n_layer}, C={cfg.n_embd}, "
           f"device {device}, median of {cfg.repeats} runs after {cfg.warmup} warm-up")
     benchmarks = {
@@ -213,11 +204,11 @@ def main(argv=None):
         print(f"{name}: {throughput:,.1f} {unit} | FLOPs per unit: {formula} = {flops:.4g}")
     print()
     print_table(rows)
-    print(f"hardware: {hardware(device)} | torch {torch.__version__}")
+    print(f"hardware: {hardware_name(device)} | torch {torch.__version__}")
     if cfg.out_json:
-        common.save_json(cfg.out_json, {"hardware": hardware(device), "torch": torch.__version__,
+        save_json(cfg.out_json, {"hardware": hardware_name(device), "torch": torch.__version__,
                                         "config": dataclasses.asdict(cfg), "rows": rows})
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    run_main(main)

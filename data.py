@@ -19,6 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import tiktoken
 
+from checkpoint import atomic_write
+from cli import UserError
+
 IMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
 IMDB_BYTES = 84_125_825
 IMDB_SHA256 = "c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe"
@@ -29,7 +32,7 @@ LABELS = {"neg": 0, "pos": 1, "unsup": -1}
 EOT = 50256  # <|endoftext|> in GPT-2's BPE
 
 
-class DataError(Exception):
+class DataError(UserError):
     """A problem with the user's data: the message says what is wrong and what to do."""
 
 
@@ -165,13 +168,6 @@ def _fingerprint(path):
     return h.hexdigest()[:16]
 
 
-def _write_aside(path, write):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
-
-
 def load_imdb(path=None, cache_dir=os.path.join("data", "cache"), verify=True):
     """{split: TokenizedSplit}, tokenized once and cached under cache_dir."""
     path = find_archive(path)
@@ -192,10 +188,10 @@ def load_imdb(path=None, cache_dir=os.path.join("data", "cache"), verify=True):
             base = os.path.join(folder, split)
             # each file appears whole (written aside, then renamed), so a killed run or a second
             # process tokenizing at the same time (torchrun) never leaves a torn cache
-            _write_aside(base + ".bin", tokens.tofile)
-            _write_aside(base + ".offsets.npy", lambda f: np.save(f, offsets))
-            _write_aside(base + ".labels.npy", lambda f: np.save(f, labels))
-            _write_aside(base + ".done", lambda f: None)  # written last
+            atomic_write(base + ".bin", tokens.tofile)
+            atomic_write(base + ".offsets.npy", lambda f: np.save(f, offsets))
+            atomic_write(base + ".labels.npy", lambda f: np.save(f, labels))
+            atomic_write(base + ".done", lambda f: None)  # written last
         print(f"tokenized IMDb in {time.time() - t0:.0f}s", file=sys.stderr)
     out = {}
     for split in SPLITS:

@@ -9,7 +9,7 @@ Put into Bradley-Terry (Eq. 1)   p(y_w > y_l | x) = sigma(r(x, y_w) - r(x, y_l))
 and maximum likelihood over preference pairs is the DPO loss (Eq. 7):
     L = -log sigma(beta * log(pi(y_w|x)/pi_ref(y_w|x)) - beta * log(pi(y_l|x)/pi_ref(y_l|x))).
 
-    python dpo.py --sft out/sft.pt --pairs my_pairs.jsonl --out out/my_dpo
+    python dpo.py --pairs my_pairs.jsonl              # after python sft.py: out/sft/sft.pt -> out/dpo/dpo.pt
 """
 import json
 import os
@@ -19,9 +19,16 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-import common
-from common import UserError, check
+from checkpoint import load_model, resume, save_checkpoint, training_checkpoint
+from cli import UserError, check, parse_config, run_main
 from data import EOT, get_encoding
+from device import autocast, check_divisible, data_parallel, local_slice, print0, setup_device
+from optim import add_metrics, adamw, apply_gradients, batch_indices
+from progress import Progress
+
+# a checkpoint continues only the run these settings define
+RESUME_FIELDS = ("sft", "pairs", "beta", "loss_type", "label_smoothing", "batch_size", "optimizer", "lr",
+                 "warmup_steps", "max_length", "append_eot", "seed")
 
 
 # ---------------------------------------------------------------------------- the math
@@ -93,7 +100,7 @@ def read_pairs(path, max_length, skip_bad=False):
                     raise UserError(f"{path}:{line_no}: {e} (pass --skip-bad-lines to skip such lines)") from None
                 skipped.append(line_no)
     if skipped:
-        common.print0(f"skipped {len(skipped)} bad lines of {path} (first: {skipped[:10]})")
+        print0(f"skipped {len(skipped)} bad lines of {path} (first: {skipped[:10]})")
     if not pairs:
         raise UserError(f"{path} holds no usable preference pairs")
     return pairs
@@ -162,38 +169,16 @@ def reference_logps(reference, pairs, batch_size, max_length, device, append_eot
     out = []
     for i in range(0, len(pairs), batch_size):
         tokens, mask = collate(pairs[i:i + batch_size], max_length, device, append_eot)
-        with common.autocast(device):
+        with autocast(device):
             chosen, rejected = concatenated_logps(reference, tokens, mask)
         out.append(torch.stack([chosen, rejected], dim=1).float().cpu())
     return torch.cat(out)
 
 
-def preference_loss(policy, pairs, max_length, beta, reference=None, precomputed=None, label_smoothing=0.0,
-                    loss_type="sigmoid", append_eot=True):
-    """Mean DPO loss of a batch of pairs and the metrics practitioners know, from one forward pass of
-    the policy over [chosen; rejected] and either a live frozen reference or its precomputed
-    log-probs (B, 2)."""
-    device = next(policy.parameters()).device
-    tokens, response_mask = collate(pairs, max_length, device, append_eot)  # (2B, T)
-    policy_chosen, policy_rejected = concatenated_logps(policy, tokens, response_mask)
-    if precomputed is not None:
-        ref_chosen, ref_rejected = precomputed.to(device).unbind(1)
-    else:
-        with torch.no_grad():
-            ref_chosen, ref_rejected = concatenated_logps(reference, tokens, response_mask)
-    losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-                                                        beta, label_smoothing, loss_type)
-    return losses.mean(), {
-        "rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-        "logps/chosen": policy_chosen.detach().mean(), "logps/rejected": policy_rejected.detach().mean()}
-
-
 # ---------------------------------------------------------------------------- the trainer
 @dataclass
 class DPOConfig:
-    sft: str = field(default="out/sft.pt", metadata={"help": "SFT checkpoint: the initial policy and the reference"})
+    sft: str = field(default="out/sft/sft.pt", metadata={"help": "SFT checkpoint: the initial policy and the reference (default: where sft.py writes)"})
     pairs: str = field(default="out/pairs.jsonl", metadata={"help": "preference JSONL (prompt, chosen, rejected)"})
     out: str = field(default="out/dpo", metadata={"help": "run folder for checkpoint and log"})
     name: str = field(default="dpo", metadata={"help": "checkpoint is OUT/NAME.pt, log OUT/NAME_log.jsonl"})
@@ -234,54 +219,76 @@ class DPOConfig:
             check(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive")
 
 
+def dpo_step(policy, optimizer, micro_batches, reference, cfg, max_length, lr, step, forward=None):
+    """One optimizer step of DPO over gradient-accumulated micro-batches, each (pairs, their
+    precomputed reference log-probs (B, 2) or None for the live reference). forward is the module
+    to call (DDP-wrapped under torchrun); policy owns the weights. Returns the step's metrics."""
+    forward = forward or policy
+    device = next(policy.parameters()).device
+    metrics = {}
+    for pairs, precomputed in micro_batches:
+        tokens, response_mask = collate(pairs, max_length, device, cfg.append_eot)  # (2B, T): [chosen; rejected]
+        with autocast(device.type):
+            policy_chosen, policy_rejected = concatenated_logps(forward, tokens, response_mask)  # log pi(y|x), (B,) each
+            if precomputed is not None:
+                ref_chosen, ref_rejected = precomputed.to(device).unbind(1)
+            else:
+                with torch.no_grad():
+                    ref_chosen, ref_rejected = concatenated_logps(reference, tokens, response_mask)  # log pi_ref(y|x)
+            losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                                                                cfg.beta, cfg.label_smoothing, cfg.loss_type)  # Eq. 7
+        loss = losses.mean()
+        (loss / len(micro_batches)).backward()  # the step's gradient is the mean over its micro-batches
+        add_metrics(metrics, {
+            "loss": loss, "rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+            "logps/chosen": policy_chosen.detach().mean(), "logps/rejected": policy_rejected.detach().mean()},
+            len(micro_batches))
+    return apply_gradients(policy, optimizer, metrics, lr, cfg.grad_clip, step)
+
+
 def train_dpo(cfg, pairs=None, evaluate=None):
     """DPO from the SFT checkpoint (policy init and frozen reference). evaluate(step, policy) -> dict
     is called at step 0, every eval_interval steps and at the end. Resumes from OUT/NAME.pt."""
-    device = common.setup_device(cfg.device)
-    common.check_divisible(cfg.micro_batch_size, "--micro-batch-size")
-    policy = common.load_model(cfg.sft).to(device)
+    device = setup_device(cfg.device)
+    check_divisible(cfg.micro_batch_size, "--micro-batch-size")
+    policy = load_model(cfg.sft).to(device)
     max_length = cfg.max_length or policy.config.block_size
     if max_length > policy.config.block_size:
         raise UserError(f"--max-length {max_length} exceeds the model's context of {policy.config.block_size}")
     pairs = pairs if pairs is not None else read_pairs(cfg.pairs, max_length, cfg.skip_bad_lines)
-    reference = common.load_model(cfg.sft).to(device).eval().requires_grad_(False)
+    reference = load_model(cfg.sft).to(device).eval().requires_grad_(False)
     policy.train()  # dropout is 0 in both: the log-probs of the policy and the reference are deterministic
     total = cfg.max_steps or max(1, int(cfg.epochs * len(pairs) / cfg.batch_size))
     if cfg.optimizer == "rmsprop":
         optimizer = torch.optim.RMSprop(policy.parameters(), lr=cfg.lr)
     else:
-        optimizer = common.adamw(policy, cfg.lr, cfg.weight_decay, (0.9, 0.999), device)
+        optimizer = adamw(policy, cfg.lr, cfg.weight_decay, (0.9, 0.999), device)
     ckpt_path = os.path.join(cfg.out, f"{cfg.name}.pt")
-    step, _ = common.resume(ckpt_path, "dpo", cfg, ("sft", "pairs", "beta", "loss_type", "label_smoothing", "batch_size",
-                                                    "optimizer", "lr", "warmup_steps", "max_length", "append_eot", "seed"),
-                            policy, optimizer)
+    step, _ = resume(ckpt_path, "dpo", cfg, RESUME_FIELDS, policy, optimizer)
 
     precomputed = None
     if cfg.precompute_ref:
         t0 = time.time()
         precomputed = reference_logps(reference, pairs, cfg.micro_batch_size, max_length, device, cfg.append_eot)
         reference = None  # the reference model is no longer needed in memory
-        common.print0(f"reference log-probs of {len(pairs)} pairs precomputed in {time.time() - t0:.1f}s")
+        print0(f"reference log-probs of {len(pairs)} pairs precomputed in {time.time() - t0:.1f}s")
 
-    train_forward = common.data_parallel(policy, device)  # under torchrun; the policy itself otherwise
-
-    def loss_fn(indices):
-        indices = common.local_slice(indices)  # this rank's share of the micro-batch
-        return preference_loss(train_forward, [pairs[i] for i in indices], max_length, cfg.beta, reference,
-                               None if precomputed is None else precomputed[indices],
-                               cfg.label_smoothing, cfg.loss_type, cfg.append_eot)
-
-    progress = common.Progress(f"{cfg.name}", total, os.path.join(cfg.out, f"{cfg.name}_log.jsonl"), unit="pairs",
-                               start_step=step)
+    forward = data_parallel(policy, device)  # under torchrun; the policy itself otherwise
+    progress = Progress(cfg.name, total, os.path.join(cfg.out, f"{cfg.name}_log.jsonl"), unit="pairs", start_step=step)
     show = ("loss", "rewards/accuracies", "rewards/margins", "grad_norm")
     if evaluate and step == 0:
         progress.record({"step": 0, **evaluate(0, policy)})
     n_micro = cfg.batch_size // cfg.micro_batch_size
     while step < total:
-        indices = common.batch_indices(step, cfg.batch_size, len(pairs), cfg.seed)
-        micro = [indices[m * cfg.micro_batch_size:(m + 1) * cfg.micro_batch_size] for m in range(n_micro)]
+        indices = batch_indices(step, cfg.batch_size, len(pairs), cfg.seed)
+        micro_batches = []
+        for m in range(n_micro):
+            micro = local_slice(indices[m * cfg.micro_batch_size:(m + 1) * cfg.micro_batch_size])  # this rank's share
+            micro_batches.append(([pairs[i] for i in micro], None if precomputed is None else precomputed[micro]))
         lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))  # linear warm-up, then constant
-        metrics = common.optimizer_step(policy, optimizer, micro, loss_fn, lr, cfg.grad_clip, device, step)
+        metrics = dpo_step(policy, optimizer, micro_batches, reference, cfg, max_length, lr, step, forward)
         step += 1
         progress.add(cfg.batch_size)
         if step % cfg.log_interval == 0 or step == total:
@@ -290,15 +297,15 @@ def train_dpo(cfg, pairs=None, evaluate=None):
             progress.record({"step": step, **evaluate(step, policy)})
             policy.train()
         if step % cfg.save_interval == 0 or step == total:
-            common.save_checkpoint(ckpt_path, common.training_checkpoint("dpo", policy, optimizer, cfg, step))
+            save_checkpoint(ckpt_path, training_checkpoint("dpo", policy, optimizer, cfg, step))
     return ckpt_path
 
 
 def main():
-    cfg = common.parse_config(DPOConfig, description="DPO on a preference JSONL file, starting from an SFT checkpoint.")
+    cfg = parse_config(DPOConfig, description="DPO on a preference JSONL file, starting from an SFT checkpoint.")
     path = train_dpo(cfg)
-    common.print0(f"checkpoint: {path}\ntry: python sample.py --ckpt {path} --prompt \"This movie\" --n 4")
+    print0(f"checkpoint: {path}\ntry: python sample.py --ckpt {path} --prompt \"This movie\" --n 4")
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    run_main(main)

@@ -4,10 +4,16 @@ policy, score them with the ground-truth reward, and measure how far the policy 
 reference with the sequence-level KL(pi || pi_ref). Each evaluation is one point of the
 reward-vs-KL frontier (Figure 2, left).
 """
+import time
+
 import torch
 
-from common import atomic_write, autocast, gather, local_slice, rank
-from sample import generate, left_pad
+from checkpoint import append_jsonl, atomic_write
+from device import autocast, gather, local_slice, print0, rank
+from model import left_pad
+from sample import generate
+
+KL_ROWS = 64  # sequences per KL forward pass: their (rows, T, V) logits and float32 temporaries bound the memory
 
 
 def sequence_kl(policy_logits, reference_logits, response_mask):
@@ -33,8 +39,8 @@ def evaluate_policy(policy, reference, reward_model, prompts, max_new_tokens, ba
     prompts = local_slice(prompts)
     completions = generate(policy, prompts, max_new_tokens, stop_at_eot=False, generator=generator, batch_size=batch_size)
     kls = []
-    for i in range(0, len(prompts), batch_size):
-        sequences = [p + c for p, c in zip(prompts[i:i + batch_size], completions[i:i + batch_size])]
+    for i in range(0, len(prompts), KL_ROWS):
+        sequences = [p + c for p, c in zip(prompts[i:i + KL_ROWS], completions[i:i + KL_ROWS])]
         ids, mask = left_pad(sequences, device=device)  # same prompt lengths per row: completions are fixed length
         response_mask = torch.zeros_like(mask)
         response_mask[:, -max_new_tokens:] = 1
@@ -44,6 +50,29 @@ def evaluate_policy(policy, reference, reward_model, prompts, max_new_tokens, ba
     kls = gather(torch.cat(kls + [torch.zeros(0)]).tolist())
     policy.train(policy_was_training)
     return {"reward": sum(rewards) / len(rewards), "kl": sum(kls) / len(kls)}, completions
+
+
+class Evaluator:
+    """Every method's evaluation on the same held-out prefixes, with the same reference and reward
+    model: evaluator(policy, method, beta, step, log_path) appends one frontier point to log_path."""
+
+    def __init__(self, reference, reward_model, prompts, max_new_tokens, batch_size, seed):
+        self.reference, self.reward_model, self.prompts = reference, reward_model, prompts
+        self.max_new_tokens, self.batch_size, self.seed = max_new_tokens, batch_size, seed
+        self.t0 = time.time()
+
+    def __call__(self, policy, method, beta, step, log_path):
+        metrics, completions = evaluate_policy(policy, self.reference, self.reward_model, self.prompts,
+                                               self.max_new_tokens, self.batch_size, seed=self.seed)
+        append_jsonl(log_path, {"method": method, "beta": beta, "step": step, **metrics, "wall_time": time.time() - self.t0})
+        print0(f"eval {method} beta={beta} step {step}: reward {metrics['reward']:.3f} | kl {shown_kl(metrics['kl'], 3)}")
+        return metrics, completions
+
+
+def shown_kl(kl, digits):
+    """A KL for people: never negative (a true KL is >= 0; a tiny negative is float32 rounding), so
+    a KL that rounds to zero reads 0.00, not -0.00."""
+    return f"{max(kl, 0.0):.{digits}f}"
 
 
 def plot_frontier(rows, path):

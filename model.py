@@ -2,7 +2,8 @@
 A GPT-2 decoder in one file: token + learned position embeddings, pre-LayerNorm blocks,
 causal self-attention (scaled_dot_product_attention), a GELU MLP and an output head tied to
 the token embedding. Parameter names match GPT-2's checkpoints one to one, so
-`GPT.from_pretrained("gpt2")` loads the published weights without any other library.
+`GPT.from_pretrained("gpt2")` loads the published weights, and `GPT.from_pretrained(folder)` a GPT-2
+saved by Hugging Face's `save_pretrained`, without any other library.
 
 `forward(idx)` returns logits for every position, (B, T, vocab): DPO needs all of them.
 Left-padded batches are supported through `attention_mask` (1 = real token, 0 = padding), and a
@@ -111,6 +112,18 @@ def position_ids_from_mask(attention_mask):
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def left_pad(sequences, pad=0, device="cpu"):
+    """Token lists -> (ids, attention_mask), both (B, T_max), real tokens flush right."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -174,28 +187,24 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------ GPT-2 weights
     @classmethod
     def from_pretrained(cls, name_or_path, dropout=0.0):
-        """Published GPT-2 weights: "gpt2" | "gpt2-medium" | "gpt2-large" | "gpt2-xl" (downloaded
-        from the Hugging Face hub when online) or a local model.safetensors path."""
-        sizes = {
-            "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
-            "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
-            "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
-            "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
-        }
-        path = name_or_path if os.path.exists(name_or_path) else download_gpt2(name_or_path, sizes)
+        """GPT-2 weights: "gpt2" | "gpt2-medium" | "gpt2-large" | "gpt2-xl" (downloaded from the Hugging
+        Face hub when online), a folder written by Hugging Face `save_pretrained` (config.json and
+        model.safetensors), or a .safetensors path. A config.json beside the weights gives the head count
+        and is checked against what this GPT computes; without one only the published sizes load.
+        Raises ValueError for weights or a config this GPT cannot represent."""
+        path = name_or_path if os.path.exists(name_or_path) else download_gpt2(name_or_path)
+        if os.path.isdir(path):
+            folder, path = path, os.path.join(path, "model.safetensors")
+            if not os.path.isfile(path):
+                raise ValueError(f"{folder} holds no model.safetensors; save the model there with save_pretrained "
+                                 f"(as one unsharded safetensors file) or pass a .safetensors path")
         tensors = read_safetensors(path)
         tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()
                    if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # causal-mask buffers
         for name in ("wte.weight", "wpe.weight", "h.0.attn.c_attn.weight"):
             if name not in tensors:
                 raise ValueError(f"{path} does not hold GPT-2 weights (no '{name}' tensor)")
-        vocab_size, n_embd = tensors["wte.weight"].shape
-        n_layer = 1 + max(int(k.split(".")[1]) for k in tensors if k.startswith("h."))
-        n_head = next((s["n_head"] for s in sizes.values() if s["n_layer"] == n_layer and s["n_embd"] == n_embd),
-                      max(1, n_embd // 64))  # GPT-2 sizes all use 64-wide heads
-        config = GPTConfig(block_size=tensors["wpe.weight"].shape[0], vocab_size=vocab_size,
-                           n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=dropout)
-        model = cls(config)
+        model = cls(GPTConfig(**gpt2_sizes(path, tensors), dropout=dropout))
         conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         ours = {k.removeprefix("transformer."): v for k, v in model.state_dict().items() if k != "lm_head.weight"}
         if set(ours) != set(tensors):
@@ -210,6 +219,69 @@ class GPT(nn.Module):
                     raise ValueError(f"{path}: {name} has shape {tuple(src.shape)}, expected {tuple(param.shape)}")
                 param.copy_(src)
         return model
+
+
+GPT2_SIZES = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+}
+
+# config.json fields under which Hugging Face's GPT-2 computes something this GPT does not, and the values
+# it does compute (the first is HF's default, so an absent field is standard too)
+STANDARD_GPT2 = {
+    "model_type": ("gpt2",),
+    "activation_function": ("gelu_new", "gelu_pytorch_tanh"),  # both are GELU's tanh approximation
+    "layer_norm_epsilon": (1e-5,),  # nn.LayerNorm's default eps
+    "scale_attn_weights": (True,),  # scores / sqrt(head_dim)
+    "scale_attn_by_inverse_layer_idx": (False,),
+    "add_cross_attention": (False,),
+    "tie_word_embeddings": (True,),  # our lm_head is wte
+}
+
+
+def gpt2_sizes(path, tensors):
+    """GPTConfig sizes of GPT-2 weights. All but the head count are tensor shapes; the head count comes from
+    the config.json beside the weights, else from the published sizes. It can't be read off the tensors:
+    the same 32-wide weights split into 1, 2, 4 ... heads give different logits."""
+    vocab_size, n_embd = tensors["wte.weight"].shape
+    n_layer = 1 + max(int(k.split(".")[1]) for k in tensors if k.startswith("h."))
+    found = dict(vocab_size=vocab_size, n_positions=tensors["wpe.weight"].shape[0], n_embd=n_embd, n_layer=n_layer)
+    config_path = os.path.join(os.path.dirname(path), "config.json")
+    if os.path.exists(config_path):
+        n_head = gpt2_n_head(config_path, found)
+    else:
+        published = {(s["n_layer"], s["n_embd"]): s["n_head"] for s in GPT2_SIZES.values()}
+        if (n_layer, n_embd) not in published:
+            raise ValueError(f"{path}: a {n_layer}-layer, {n_embd}-wide GPT-2 is not a published size, so its head "
+                             f"count is unknown; put the model's config.json (from save_pretrained) beside it")
+        n_head = published[n_layer, n_embd]
+    return dict(block_size=found["n_positions"], vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+
+
+def gpt2_n_head(config_path, found):
+    """n_head of a Hugging Face GPT-2 config.json, after checking that the config describes the weights
+    (`found`: the sizes their shapes give) and a model this GPT computes exactly."""
+    try:
+        with open(config_path) as f:
+            hf = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config_path} is not a JSON config ({e})") from None
+    for field, value in found.items():  # (n_ctx, in older configs, sized only HF's mask buffer; n_positions sizes wpe)
+        if field in hf and hf[field] != value:
+            raise ValueError(f"{config_path}: {field} is {hf[field]} but the weights beside it have {value}; "
+                             f"put the config.json saved with these weights beside them")
+    n_head = hf.get("n_head")
+    if not isinstance(n_head, int) or n_head <= 0 or found["n_embd"] % n_head:
+        raise ValueError(f"{config_path}: n_head is {json.dumps(n_head)}, which does not split n_embd "
+                         f"{found['n_embd']} into whole heads; set the model's head count there")
+    for field, allowed in {**STANDARD_GPT2, "n_inner": (None, 4 * found["n_embd"])}.items():
+        if hf.get(field, allowed[0]) not in allowed:
+            standard = " or ".join(json.dumps(a) for a in allowed)
+            raise ValueError(f"{config_path}: {field} is {json.dumps(hf[field])}, but this GPT only represents "
+                             f"standard GPT-2 ({field} {standard}); use a standard GPT-2 model")
+    return n_head
 
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
@@ -240,17 +312,22 @@ def read_safetensors(path):
     return tensors
 
 
-def download_gpt2(name, sizes):
-    if name not in sizes:
-        raise ValueError(f"unknown model {name!r}: use one of {sorted(sizes)} or a path to a model.safetensors file")
-    cache = os.path.join(os.environ.get("GPT2_CACHE_DIR", "data/gpt2"), name, "model.safetensors")
-    if not os.path.exists(cache):
-        url = f"https://huggingface.co/{name}/resolve/main/model.safetensors"
-        print(f"downloading {url} -> {cache}")
-        os.makedirs(os.path.dirname(cache), exist_ok=True)
-        try:
-            urllib.request.urlretrieve(url, cache + ".part")
-        except OSError as e:
-            raise SystemExit(f"could not download {name} weights ({e}); download {url} by hand and pass its path") from None
-        os.replace(cache + ".part", cache)
-    return cache
+def download_gpt2(name):
+    """The hub's config.json and model.safetensors for a published GPT-2, cached in data/gpt2/NAME
+    (or $GPT2_CACHE_DIR/NAME); returns that folder."""
+    if name not in GPT2_SIZES:
+        raise ValueError(f"{name!r} is neither a published GPT-2 ({', '.join(GPT2_SIZES)}) nor an existing folder or "
+                         f".safetensors file")
+    folder = os.path.join(os.environ.get("GPT2_CACHE_DIR", "data/gpt2"), name)
+    if not os.path.exists(os.path.join(folder, "model.safetensors")):  # a cached model.safetensors alone loads too
+        os.makedirs(folder, exist_ok=True)
+        for file in ("config.json", "model.safetensors"):
+            url, cache = f"https://huggingface.co/{name}/resolve/main/{file}", os.path.join(folder, file)
+            print(f"downloading {url} -> {cache}")
+            try:
+                urllib.request.urlretrieve(url, cache + ".part")
+            except OSError as e:
+                raise SystemExit(f"could not download {url} ({e}); download config.json and model.safetensors "
+                                 f"from https://huggingface.co/{name} into {folder} by hand") from None
+            os.replace(cache + ".part", cache)
+    return folder

@@ -5,7 +5,7 @@ from the SFT model, with a linear head on its mean-pooled features). It is train
 labelled train reviews, tested on the 25k test reviews, then frozen; it never shares weights
 with the policy.
 
-    python reward.py --sft out/sft.pt --out out
+    python reward.py                   # after python sft.py: out/sft/sft.pt -> out/reward/reward.pt
 """
 import os
 from dataclasses import dataclass, field
@@ -15,11 +15,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common
-from common import UserError, check
+from checkpoint import load_checkpoint, load_model, load_state, resume, save_checkpoint, training_checkpoint
+from cli import UserError, check, parse_config, run_main
 from data import load_imdb
-from model import GPT, GPTConfig
-from sample import left_pad
+from device import autocast, check_divisible, data_parallel, gather, local_slice, print0, setup_device
+from model import GPT, GPTConfig, left_pad
+from optim import adamw, apply_gradients, batch_indices, seed_everything, warmup_cosine
+from progress import Progress
 
 # a checkpoint continues only the run these settings define
 RESUME_FIELDS = ("sft", "max_len", "min_len", "batch_size", "max_steps", "lr", "seed")
@@ -47,22 +49,22 @@ class RewardModel(nn.Module):
         out = [torch.zeros(0)]
         for i in range(0, len(sequences), batch_size):
             ids, mask = left_pad([s[:limit] for s in sequences[i:i + batch_size]], device=device)
-            with common.autocast(device.type):
+            with autocast(device.type):
                 out.append(torch.sigmoid(self(ids, mask).float()).cpu())
         return torch.cat(out).double().numpy()
 
 
 def load_reward_model(path):
-    ckpt = common.load_checkpoint(path, kind="reward")
+    ckpt = load_checkpoint(path, kind="reward")
     model = RewardModel(GPTConfig(**{**ckpt["model_config"], "dropout": 0.0}))
-    common.load_state(model, ckpt["model"], path)
+    load_state(model, ckpt["model"], path)
     return model.eval().requires_grad_(False)
 
 
 @dataclass
 class RewardConfig:
-    sft: str = field(default="out/sft.pt", metadata={"help": "SFT checkpoint whose trunk starts the classifier"})
-    out: str = field(default="out", metadata={"help": "run folder: OUT/reward.pt, OUT/reward_log.jsonl"})
+    sft: str = field(default="out/sft/sft.pt", metadata={"help": "SFT checkpoint whose trunk starts the classifier (default: where sft.py writes)"})
+    out: str = field(default="out/reward", metadata={"help": "run folder: OUT/reward.pt, OUT/reward_log.jsonl"})
     data: str = field(default=None, metadata={"help": "IMDb archive or aclImdb/ folder (else $IMDB_ARCHIVE, data/, download)"})
     data_verify: bool = field(default=True, metadata={"help": "require the full 25k/25k/50k archive"})
     max_len: int = field(default=64, metadata={"help": "longest review prefix the classifier reads, in tokens"})
@@ -97,47 +99,45 @@ def accuracy(model, split, n, max_len):
     rng = np.random.default_rng(0)
     indices = rng.permutation(len(split))[:n] if n else np.arange(len(split))
     sequences = [split.review(i)[:max_len].tolist() for i in indices]
-    scores = np.array(common.gather(model.score(common.local_slice(sequences)).tolist()))  # each rank scores a share
+    scores = np.array(gather(model.score(local_slice(sequences)).tolist()))  # each rank scores a share
     return float(((scores > 0.5) == (split.labels[indices] == 1)).mean())
 
 
 def train_reward(cfg, imdb):
     """Fine-tune the classifier on the labelled train split; returns (checkpoint path, test accuracy)."""
-    device = common.setup_device(cfg.device)
-    common.check_divisible(cfg.batch_size, "--batch-size")
+    device = setup_device(cfg.device)
+    check_divisible(cfg.batch_size, "--batch-size")
     ckpt_path = os.path.join(cfg.out, "reward.pt")
-    sft = common.load_model(cfg.sft, kinds=("sft",))
+    sft = load_model(cfg.sft, kinds=("sft",))
     if cfg.max_len > sft.config.block_size:
         raise UserError(f"--max-len {cfg.max_len} exceeds the SFT model's context of {sft.config.block_size}")
-    common.seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     model = RewardModel(sft.config)
     model.gpt.load_state_dict(sft.state_dict())
     model.to(device).train()
-    optimizer = common.adamw(model, cfg.lr, cfg.weight_decay, (0.9, 0.99), device)
+    optimizer = adamw(model, cfg.lr, cfg.weight_decay, (0.9, 0.99), device)
     train = imdb["train"]
-    step, ckpt = common.resume(ckpt_path, "reward", cfg, RESUME_FIELDS, model, optimizer)
+    step, ckpt = resume(ckpt_path, "reward", cfg, RESUME_FIELDS, model, optimizer)
     if ckpt and ckpt["test_accuracy"] is not None:
         return ckpt_path, ckpt["test_accuracy"]
-
-    train_forward = common.data_parallel(model, device)  # under torchrun; the model itself otherwise
-
-    def loss_fn(batch):
-        ids, mask, labels = batch
-        logits = train_forward(ids, mask)
-        return F.binary_cross_entropy_with_logits(logits.float(), labels), {"acc": ((logits > 0).float() == labels).float().mean()}
+    train_forward = data_parallel(model, device)  # under torchrun; the model itself otherwise
 
     def save(test_accuracy=None):
-        common.save_checkpoint(ckpt_path, common.training_checkpoint("reward", model, optimizer, cfg, step,
-                                                                     test_accuracy=test_accuracy))
+        save_checkpoint(ckpt_path, training_checkpoint("reward", model, optimizer, cfg, step, test_accuracy=test_accuracy))
 
-    progress = common.Progress("reward", cfg.max_steps, os.path.join(cfg.out, "reward_log.jsonl"), unit="reviews", start_step=step)
+    progress = Progress("reward", cfg.max_steps, os.path.join(cfg.out, "reward_log.jsonl"), unit="reviews", start_step=step)
     while step < cfg.max_steps:
-        indices = common.batch_indices(step, cfg.batch_size, len(train), cfg.seed)
-        texts = common.local_slice(crops(train, indices, cfg.min_len, cfg.max_len, [cfg.seed, step]))
+        indices = batch_indices(step, cfg.batch_size, len(train), cfg.seed)
+        texts = local_slice(crops(train, indices, cfg.min_len, cfg.max_len, [cfg.seed, step]))
         ids, mask = left_pad(texts, device=device)  # this rank's share of the global batch
-        labels = torch.tensor(train.labels[common.local_slice(indices)], dtype=torch.float32, device=device)
-        lr = common.warmup_cosine(step, cfg.warmup_steps, cfg.max_steps, cfg.lr, cfg.lr / 10)
-        metrics = common.optimizer_step(model, optimizer, [(ids, mask, labels)], loss_fn, lr, cfg.grad_clip, device, step)
+        labels = torch.tensor(train.labels[local_slice(indices)], dtype=torch.float32, device=device)
+        lr = warmup_cosine(step, cfg.warmup_steps, cfg.max_steps, cfg.lr, cfg.lr / 10)
+        with autocast(device):
+            logits = train_forward(ids, mask)
+            loss = F.binary_cross_entropy_with_logits(logits.float(), labels)  # -log P(label | review)
+        loss.backward()
+        batch_acc = ((logits > 0).float() == labels).float().mean()
+        metrics = apply_gradients(model, optimizer, {"loss": loss.item(), "acc": batch_acc.item()}, lr, cfg.grad_clip, step)
         step += 1
         progress.add(cfg.batch_size)
         if step % cfg.log_interval == 0 or step == cfg.max_steps:
@@ -146,19 +146,19 @@ def train_reward(cfg, imdb):
             save()
     model.eval()
     test_accuracy = accuracy(model, imdb["test"], cfg.test_reviews, cfg.max_len)
-    common.print0(f"reward model test accuracy {test_accuracy:.3f} on {cfg.test_reviews or len(imdb['test'])} test reviews "
-          f"(first {cfg.max_len} tokens)")
+    print0(f"reward model test accuracy {test_accuracy:.3f} on {cfg.test_reviews or len(imdb['test'])} test reviews "
+           f"(first {cfg.max_len} tokens)")
     progress.record({"step": step, "test_accuracy": test_accuracy})
     save(test_accuracy)
     return ckpt_path, test_accuracy
 
 
 def main():
-    cfg = common.parse_config(RewardConfig, description="Train the IMDb sentiment classifier used as ground-truth reward.")
+    cfg = parse_config(RewardConfig, description="Train the IMDb sentiment classifier used as ground-truth reward.")
     imdb = load_imdb(cfg.data, verify=cfg.data_verify)
     path, acc = train_reward(cfg, imdb)
-    common.print0(f"checkpoint: {path} (test accuracy {acc:.3f})")
+    print0(f"checkpoint: {path} (test accuracy {acc:.3f})")
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    run_main(main)

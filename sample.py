@@ -3,7 +3,8 @@ Batched sampling with a KV cache. Prompts of different lengths are left-padded i
 the attention mask hides the padding and position ids restart at each row's first real token,
 so every row is generated exactly as it would be alone.
 
-    python sample.py --ckpt out/sft.pt --prompt "This movie" --n 4
+    python sample.py                   # after python sft.py: continues "This movie" 4 times
+    python sample.py --ckpt out/dpo_beta0.1/dpo.pt --prompt "The acting" --n 8
 """
 import math
 import time
@@ -11,9 +12,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common import UserError, autocast, check, load_model, parse_config, pick_device, run_main
+from checkpoint import load_model
+from cli import UserError, check, parse_config, run_main
 from data import EOT, get_encoding
-from model import KVCache
+from device import autocast, pick_device
+from model import KVCache, left_pad
 
 
 def next_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
@@ -31,18 +34,6 @@ def next_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, -math.inf))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def left_pad(sequences, pad=0, device="cpu"):
-    """Token lists -> (ids, attention_mask), both (B, T_max), real tokens flush right."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        if s:
-            ids[i, width - len(s):] = torch.tensor(s)
-            mask[i, width - len(s):] = 1
-    return ids.to(device), mask.to(device)
 
 
 @torch.no_grad()
@@ -90,10 +81,10 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
 
 @dataclass
 class SampleConfig:
-    ckpt: str = field(default="out/sft.pt", metadata={"help": "sft or dpo checkpoint"})
+    ckpt: str = field(default="out/sft/sft.pt", metadata={"help": "sft or dpo checkpoint (default: where sft.py writes)"})
     prompt: str = field(default="This movie", metadata={"help": "text to continue"})
     n: int = field(default=4, metadata={"help": "completions to draw"})
-    max_new_tokens: int = field(default=64, metadata={"help": "tokens per completion"})
+    max_new_tokens: int = field(default=48, metadata={"help": "tokens per completion (the experiment's length)"})
     temperature: float = field(default=1.0, metadata={"help": "0 = greedy"})
     top_k: int = field(default=0, metadata={"help": "keep the k likeliest tokens (0 = all)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus mass (1 = all)"})

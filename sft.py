@@ -12,10 +12,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import common
-from common import UserError, check
+from checkpoint import load_model, resume, save_checkpoint, training_checkpoint
+from cli import UserError, check, parse_config, run_main
 from data import load_imdb
+from device import autocast, check_divisible, data_parallel, local_slice, peak_flops, print0, setup_device
 from model import GPT, GPTConfig
+from optim import add_metrics, adamw, apply_gradients, seed_everything, warmup_cosine
+from progress import Progress
 
 # a checkpoint continues only the run these settings define
 RESUME_FIELDS = ("init", "n_layer", "n_head", "n_embd", "block_size", "seed", "batch_size", "grad_accum", "max_steps", "lr")
@@ -27,7 +30,7 @@ class SFTConfig:
     name: str = field(default="sft", metadata={"help": "checkpoint is OUT/NAME.pt, log OUT/NAME_log.jsonl"})
     data: str = field(default=None, metadata={"help": "IMDb archive or aclImdb/ folder (else $IMDB_ARCHIVE, data/, download)"})
     data_verify: bool = field(default=True, metadata={"help": "require the full 25k/25k/50k archive"})
-    init: str = field(default="scratch", metadata={"help": "scratch | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a .safetensors or .pt path"})
+    init: str = field(default="scratch", metadata={"help": "scratch | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a save_pretrained folder | a .safetensors or .pt path"})
     n_layer: int = field(default=4, metadata={"help": "transformer blocks (scratch only)"})
     n_head: int = field(default=4, metadata={"help": "attention heads (scratch only)"})
     n_embd: int = field(default=128, metadata={"help": "model width (scratch only)"})
@@ -75,7 +78,7 @@ def build_model(cfg, device):
         return GPT(GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                              n_embd=cfg.n_embd, dropout=cfg.dropout)).to(device)
     if cfg.init.endswith(".pt"):
-        return common.load_model(cfg.init, dropout=cfg.dropout).to(device)
+        return load_model(cfg.init, dropout=cfg.dropout).to(device)
     try:
         return GPT.from_pretrained(cfg.init, dropout=cfg.dropout).to(device)
     except ValueError as e:
@@ -101,45 +104,56 @@ def validation_loss(model, tokens, cfg, device):
     losses = []
     for i in range(cfg.eval_batches):
         batch = random_windows(tokens, cfg.batch_size, cfg.block_size, seed=[cfg.seed, 10**9, i]).to(device)
-        with common.autocast(device):
+        with autocast(device):
             losses.append(float(lm_loss(model, batch)))
     model.train()
     return sum(losses) / len(losses)
 
 
+def sft_step(model, optimizer, micro_batches, lr, grad_clip, step, forward=None):
+    """One optimizer step of next-token training over gradient-accumulated micro-batches of windows.
+    forward is the module to call (compiled or DDP-wrapped); model owns the weights."""
+    forward = forward or model
+    metrics = {}
+    for windows in micro_batches:
+        with autocast(windows.device.type):
+            loss = lm_loss(forward, windows)
+        (loss / len(micro_batches)).backward()  # the step's gradient is the mean over its micro-batches
+        add_metrics(metrics, {"loss": loss}, len(micro_batches))
+    return apply_gradients(model, optimizer, metrics, lr, grad_clip, step)
+
+
 def train_lm(cfg, train_tokens, val_tokens):
     """Next-token training on a uint16 token stream; resumes from OUT/NAME.pt if it exists.
     Returns the checkpoint path."""
-    device = common.setup_device(cfg.device)
-    common.check_divisible(cfg.batch_size, "--batch-size")
+    device = setup_device(cfg.device)
+    check_divisible(cfg.batch_size, "--batch-size")
     ckpt_path = os.path.join(cfg.out, f"{cfg.name}.pt")
     for stream, what in ((train_tokens, "training"), (val_tokens, "validation")):
         if len(stream) <= cfg.block_size + 1:
             raise UserError(f"the {what} text holds {len(stream)} tokens, fewer than one window of {cfg.block_size + 1}")
-    common.seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     model = build_model(cfg, device)
     if cfg.block_size > model.config.block_size:
         raise UserError(f"--block-size {cfg.block_size} exceeds the model's context of {model.config.block_size}")
-    optimizer = common.adamw(model, cfg.lr, cfg.weight_decay, (0.9, 0.95), device)
-    step, _ = common.resume(ckpt_path, "sft", cfg, RESUME_FIELDS, model, optimizer)
+    optimizer = adamw(model, cfg.lr, cfg.weight_decay, (0.9, 0.95), device)
+    step, _ = resume(ckpt_path, "sft", cfg, RESUME_FIELDS, model, optimizer)
     if step >= cfg.max_steps:
         return ckpt_path
-    common.print0(f"{cfg.name}: {model.num_params() / 1e6:.1f}M parameters, {len(train_tokens):,} training tokens, "
-          f"device {device}")
+    print0(f"{cfg.name}: {model.num_params() / 1e6:.1f}M parameters, {len(train_tokens):,} training tokens, device {device}")
     model.train()
     forward = torch.compile(model) if cfg.compile and device.startswith("cuda") else model
-    forward = common.data_parallel(forward, device)  # under torchrun; the model itself otherwise
-    peak = common.peak_flops(device)
+    forward = data_parallel(forward, device)  # under torchrun; the model itself otherwise
+    peak = peak_flops(device)
     flops_per_token = model.flops_per_token(cfg.block_size)
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
-    progress = common.Progress(cfg.name, cfg.max_steps, os.path.join(cfg.out, f"{cfg.name}_log.jsonl"), start_step=step)
+    progress = Progress(cfg.name, cfg.max_steps, os.path.join(cfg.out, f"{cfg.name}_log.jsonl"), start_step=step)
 
     while step < cfg.max_steps:
-        micro = [common.local_slice(random_windows(train_tokens, cfg.batch_size, cfg.block_size, seed=[cfg.seed, step, m])).to(device)
-                 for m in range(cfg.grad_accum)]  # each rank takes its share of the global batch
-        lr = common.warmup_cosine(step, cfg.warmup_steps, cfg.max_steps, cfg.lr, cfg.min_lr)
-        metrics = common.optimizer_step(model, optimizer, micro, lambda b: (lm_loss(forward, b), {}), lr,
-                                        cfg.grad_clip, device, step)
+        micro_batches = [local_slice(random_windows(train_tokens, cfg.batch_size, cfg.block_size, seed=[cfg.seed, step, m])).to(device)
+                         for m in range(cfg.grad_accum)]  # each rank takes its share of the global batch
+        lr = warmup_cosine(step, cfg.warmup_steps, cfg.max_steps, cfg.lr, cfg.min_lr)
+        metrics = sft_step(model, optimizer, micro_batches, lr, cfg.grad_clip, step, forward)
         step += 1
         progress.add(tokens_per_step)
         if step % cfg.log_interval == 0 or step == cfg.max_steps:
@@ -150,19 +164,19 @@ def train_lm(cfg, train_tokens, val_tokens):
                 shown["val_loss"] = validation_loss(model, val_tokens, cfg, device)
             progress.line(step, shown, peak_flops=peak, flops_per_unit=flops_per_token)
         if step % cfg.save_interval == 0 or step == cfg.max_steps:
-            common.save_checkpoint(ckpt_path, common.training_checkpoint("sft", model, optimizer, cfg, step))
+            save_checkpoint(ckpt_path, training_checkpoint("sft", model, optimizer, cfg, step))
     return ckpt_path
 
 
 def main():
     presets_default = "gpu" if torch.cuda.is_available() else "cpu"
-    cfg = common.parse_config(SFTConfig, presets=PRESETS, default_preset=presets_default,
-                              description="Supervised fine-tuning on IMDb reviews.")
+    cfg = parse_config(SFTConfig, presets=PRESETS, default_preset=presets_default,
+                       description="Supervised fine-tuning on IMDb reviews.")
     imdb = load_imdb(cfg.data, verify=cfg.data_verify)
     train_tokens = np.concatenate([imdb["train"].tokens, imdb["unsup"].tokens])
     path = train_lm(cfg, train_tokens, imdb["test"].tokens)
-    common.print0(f"checkpoint: {path}\ntry: python sample.py --ckpt {path} --prompt \"This movie\" --n 4")
+    print0(f"checkpoint: {path}\ntry: python sample.py --ckpt {path} --prompt \"This movie\" --n 4")
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    run_main(main)

@@ -1,51 +1,289 @@
 """
-The paper's controlled-sentiment experiment (IMDb, Figure 2 left), end to end:
+The paper's controlled-sentiment experiment (IMDb, Figure 2 left), end to end. The stages, in order:
 
-  1. sft       next-token training on IMDb reviews                       -> OUT/sft.pt
-  2. reward    sentiment classifier r(x, y) = P(positive | x + y)        -> OUT/reward.pt
-  3. pairs     4 SFT samples per train prefix, all 6 pairs, labelled by r -> OUT/pairs.jsonl
-  4. dpo       DPO for each beta, evaluated every eval_interval steps      -> OUT/dpo_beta*/
-  5. baselines the SFT model itself and Preferred-FT, evaluated the same way
-  6. report    results.jsonl, frontier.png, a summary table, samples before/after DPO
+  sft       next-token training on IMDb reviews                         -> OUT/sft.pt
+  reward    sentiment classifier r(x, y) = P(positive | x + y)          -> OUT/reward.pt
+  pairs     4 SFT samples per train prefix, all 6 pairs, labelled by r   -> OUT/pairs.jsonl
+  methods   every method of METHODS, evaluated on held-out test prefixes -> OUT/<run>/eval.jsonl
+  report    results.jsonl, frontier.png, a summary table, samples before/after DPO
 
-Each stage skips when its artifact exists (a killed run continues where it stopped), --force
-redoes the stages that run, and --stage NAME runs one.
+The methods (--methods picks some; each is one entry of METHODS in train.py):
+
+  sft_point     the SFT model itself, the KL = 0 point                  -> OUT/sft_point/
+  preferred_ft  SFT continued on the best completion of each prefix      -> OUT/preferred_ft/
+  dpo           DPO for each beta, evaluated every eval_interval steps   -> OUT/dpo_beta<beta>/
+
+Each stage and each method run is skipped once its artifact is complete (a killed run continues
+where it stopped), --force redoes the ones that run, and --stage NAME runs one stage.
 
     python train.py                   # preset gpu when CUDA is present, else cpu
     python train.py --preset smoke    # seconds; numbers meaningless
+    python train.py --stage methods --methods dpo --betas 0.1
 """
+import functools
 import json
 import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
 
-import common
-from common import UserError, check
+from checkpoint import (atomic_write, check_same_run, load_checkpoint, load_model, read_json, read_jsonl, save_json,
+                        write_jsonl)
+from cli import UserError, check, parse_config, run_main
 from data import EOT, get_encoding, load_imdb, make_prefixes
+from device import barrier, hardware_name, is_main, print0, setup_device
 from dpo import DPOConfig, train_dpo
-from evaluate import evaluate_policy, plot_frontier
+from evaluate import Evaluator, plot_frontier, shown_kl
+from pairs import best_completions, sample_and_label
 from reward import RESUME_FIELDS as REWARD_RUN_FIELDS, RewardConfig, load_reward_model, train_reward
 from sample import generate
 from sft import RESUME_FIELDS as SFT_RUN_FIELDS, SFTConfig, train_lm
 
-STAGES = ("sft", "reward", "pairs", "dpo", "baselines", "report")
+
+class Run:
+    """What every stage and method is handed: the config, the tokenized data, the device, and the
+    evaluator, built on first use (it needs the models of the sft and reward stages)."""
+
+    def __init__(self, cfg, imdb, device):
+        self.cfg, self.imdb, self.device = cfg, imdb, device
+
+    def path(self, name):
+        return os.path.join(self.cfg.out, name)
+
+    @functools.cached_property
+    def evaluator(self):
+        cfg = self.cfg
+        return Evaluator(load_model(self.path("sft.pt")).to(self.device).eval(),
+                         load_reward_model(self.path("reward.pt")).to(self.device),
+                         make_prefixes(self.imdb["test"], cfg.eval_prefixes, seed=cfg.seed + 1),
+                         cfg.max_new_tokens, cfg.sample_batch_size, cfg.seed)
 
 
+# ---------------------------------------------------------------------------- stages
+def sft_config(cfg):
+    sft_cfg = SFTConfig(out=cfg.out, name="sft", data=cfg.data, init=cfg.init, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                        n_embd=cfg.n_embd, block_size=cfg.block_size, batch_size=cfg.sft_batch_size,
+                        grad_accum=cfg.sft_grad_accum, max_steps=cfg.sft_steps, lr=cfg.sft_lr, min_lr=cfg.sft_lr / 10,
+                        warmup_steps=max(1, cfg.sft_steps // 20), log_interval=max(1, cfg.sft_steps // 20),
+                        eval_interval=max(1, cfg.sft_steps // 4), save_interval=max(1, cfg.sft_steps // 4),
+                        seed=cfg.seed, device=cfg.device, compile=cfg.compile)
+    sft_cfg.validate()
+    return sft_cfg
+
+
+def run_sft(run):
+    train_tokens = np.concatenate([run.imdb["train"].tokens, run.imdb["unsup"].tokens])  # test is held out
+    train_lm(sft_config(run.cfg), train_tokens, run.imdb["test"].tokens)
+    return throughput([run.path("sft_log.jsonl")], "tok_per_s", "sft_")
+
+
+def reward_config(cfg):
+    reward_cfg = RewardConfig(sft=os.path.join(cfg.out, "sft.pt"), out=cfg.out, data=cfg.data, max_len=cfg.reward_max_len,
+                              batch_size=cfg.reward_batch_size, max_steps=cfg.reward_steps, lr=cfg.reward_lr,
+                              warmup_steps=max(1, cfg.reward_steps // 10), test_reviews=cfg.reward_test_reviews,
+                              log_interval=max(1, cfg.reward_steps // 10), save_interval=max(1, cfg.reward_steps // 4),
+                              seed=cfg.seed, device=cfg.device)
+    reward_cfg.validate()
+    return reward_cfg
+
+
+def run_reward(run):
+    _, accuracy = train_reward(reward_config(run.cfg), run.imdb)
+    return {"reward_test_accuracy": accuracy, **throughput([run.path("reward_log.jsonl")], "reviews_per_s", "reward_")}
+
+
+def run_pairs(run):
+    cfg = run.cfg
+    policy = load_model(run.path("sft.pt")).to(run.device).eval()
+    reward_model = load_reward_model(run.path("reward.pt")).to(run.device)
+    prompts = make_prefixes(run.imdb["train"], cfg.n_prefixes, seed=cfg.seed)
+    pairs, mean_reward, tokens_per_s = sample_and_label(policy, reward_model, prompts, cfg.completions_per_prefix,
+                                                        cfg.max_new_tokens, cfg.sample_batch_size, cfg.seed)
+    write_jsonl(run.path("pairs.jsonl"), pairs)
+    gap = float(np.mean([p["chosen_reward"] - p["rejected_reward"] for p in pairs]))
+    print0(f"pairs: {len(pairs)} pairs from {len(prompts)} prefixes, mean reward {mean_reward:.3f}, "
+           f"mean chosen-rejected reward gap {gap:.3f}")
+    return {"pairs": len(pairs), "prefixes": len(prompts), "mean_reward_gap": gap, "sft_sample_reward": mean_reward,
+            "sampling_tokens_per_s": tokens_per_s}
+
+
+def run_methods(run):
+    """Every run of every chosen method that is not done yet, each timed into stage_times.json."""
+    for name in run.cfg.method_list():
+        method = METHODS[name]
+        t0, result = time.time(), {}
+        for folder, params in method.runs(run.cfg).items():
+            if os.path.exists(os.path.join(run.path(folder), "done")):
+                continue
+            result = method.run(run, run.path(folder), **params)
+            mark_done(os.path.join(run.path(folder), "done"))
+        record_time(run, name, time.time() - t0, result)
+    return None  # each method recorded its own time
+
+
+# ---------------------------------------------------------------------------- methods
+# Each method trains (or not) from the SFT model and appends its evaluations to FOLDER/eval.jsonl.
+def run_sft_point(run, folder):
+    """The SFT model itself: the reference, at KL = 0."""
+    run.evaluator(load_model(run.path("sft.pt")).to(run.device), "SFT", None, 0, os.path.join(folder, "eval.jsonl"))
+    return {}
+
+
+def run_preferred_ft(run, folder):
+    """Preferred-FT: SFT continued on the best-rewarded completion of each training prefix."""
+    cfg = run.cfg
+    sequences = best_completions(read_jsonl(run.path("pairs.jsonl")))
+    stream = np.array([t for sequence in sequences for t in sequence + [EOT]], dtype=np.uint16)
+    pft_cfg = SFTConfig(out=folder, name="preferred_ft", init=run.path("sft.pt"), block_size=cfg.block_size,
+                        batch_size=cfg.sft_batch_size, max_steps=cfg.pft_steps, lr=cfg.pft_lr, min_lr=cfg.pft_lr,
+                        warmup_steps=1, log_interval=max(1, cfg.pft_steps // 5), eval_interval=cfg.pft_steps,
+                        eval_batches=2, save_interval=cfg.pft_steps, seed=cfg.seed, device=cfg.device, compile=False)
+    pft_path = train_lm(pft_cfg, stream, stream)
+    run.evaluator(load_model(pft_path).to(run.device), "Preferred-FT", None, cfg.pft_steps, os.path.join(folder, "eval.jsonl"))
+    return throughput([os.path.join(folder, "preferred_ft_log.jsonl")], "tok_per_s", "preferred_ft_")
+
+
+def run_dpo(run, folder, beta):
+    """DPO (dpo.py) at one beta, evaluated at step 0, every eval_interval steps and at the end."""
+    cfg = run.cfg
+    dpo_cfg = DPOConfig(sft=run.path("sft.pt"), pairs=run.path("pairs.jsonl"), out=folder, beta=beta,
+                        batch_size=cfg.dpo_batch_size, micro_batch_size=cfg.dpo_micro_batch_size,
+                        optimizer=cfg.dpo_optimizer, lr=cfg.dpo_lr, warmup_steps=cfg.dpo_warmup_steps,
+                        max_steps=cfg.dpo_steps, append_eot=False, precompute_ref=cfg.precompute_ref,
+                        log_interval=max(1, cfg.eval_interval // 5), eval_interval=cfg.eval_interval,
+                        save_interval=cfg.eval_interval, seed=cfg.seed, device=cfg.device)
+    dpo_cfg.validate()
+    log = os.path.join(folder, "eval.jsonl")
+    train_dpo(dpo_cfg, evaluate=lambda step, policy: run.evaluator(policy, "DPO", beta, step, log)[0])
+    return throughput([os.path.join(folder, "dpo_log.jsonl")], "pairs_per_s", "dpo_")
+
+
+# ---------------------------------------------------------------------------- report
+def read_rows(jsonl):
+    """Evaluation rows, the last one kept for each (method, beta, step): a resumed run repeats a few."""
+    return list({(row["method"], row["beta"], row["step"]): row for row in read_jsonl(jsonl)}.values())
+
+
+def run_report(run):
+    cfg = run.cfg
+    rows = []
+    for name in cfg.method_list():
+        for folder in METHODS[name].runs(cfg):
+            log = os.path.join(run.path(folder), "eval.jsonl")
+            if os.path.exists(log):
+                rows += sorted(read_rows(log), key=lambda r: r["step"])
+    if not rows:
+        raise UserError(f"no evaluation results in {cfg.out}; run the methods stage first")
+    write_jsonl(run.path("results.jsonl"), rows)
+    plot_frontier(rows, run.path("frontier.png"))
+    final = {}
+    for row in rows:  # the last step of each series
+        key = (row["method"], row["beta"])
+        if key not in final or row["step"] >= final[key]["step"]:
+            final[key] = row
+    table = ["| method | beta | step | KL | reward |", "|---|---|---|---|---|"]
+    table += [f"| {r['method']} | {'' if r['beta'] is None else format(r['beta'], 'g')} | {r['step']} | "
+              f"{shown_kl(r['kl'], 2)} | {r['reward']:.3f} |" for r in final.values()]
+    table_text = "\n".join(table)
+    print(table_text)
+    # a handful of completions of the same test prefixes before (SFT) and after DPO (the first beta)
+    enc = get_encoding()
+    prompts = run.evaluator.prompts[:5]
+    sections = [("SFT", load_model(run.path("sft.pt")))]
+    first_dpo = os.path.join(run.path(f"dpo_beta{cfg.beta_list()[0]:g}"), "dpo.pt")
+    if "dpo" in cfg.method_list() and os.path.exists(first_dpo):
+        sections.append((f"DPO beta={cfg.beta_list()[0]:g}", load_model(first_dpo)))
+    lines = []
+    for name, model in sections:
+        generator = torch.Generator(device=run.device).manual_seed(cfg.seed)
+        completions = generate(model.to(run.device).eval(), prompts, cfg.max_new_tokens, stop_at_eot=False, generator=generator)
+        scores = run.evaluator.reward_model.score([p + c for p, c in zip(prompts, completions)])
+        lines.append(name)  # [reward] prefix|completion, one line each
+        lines += [f"[{s:.2f}] {enc.decode(p)}|{enc.decode(c)}".replace("\n", "\\n") for p, c, s in zip(prompts, completions, scores)]
+    samples = "\n".join(lines)
+    print(samples)
+    summary = json.dumps(read_stage_times(run), indent=1)
+    atomic_write(run.path("report.md"), lambda f: f.write(
+        f"# Results\n\n{table_text}\n\nstage summary: {summary}\n\n"
+        f"# Samples\n\n[reward] prefix|completion\n```\n{samples}\n```\n".encode()))
+    return {}
+
+
+def read_stage_times(run):
+    path = run.path("stage_times.json")
+    return read_json(path) if os.path.exists(path) else {}
+
+
+def record_time(run, name, seconds, result):
+    """A stage's or method's wall time and throughput, with the hardware, into OUT/stage_times.json."""
+    times = read_stage_times(run)
+    times[name] = {"seconds": round(seconds, 1), **result, "device": run.device, "hardware": hardware_name(run.device)}
+    save_json(run.path("stage_times.json"), times)
+    rates = "".join(f", {k} {v:.3g}" for k, v in result.items() if k.endswith(("_per_s", "mfu")))
+    print0(f"=== {name}: {seconds:.0f}s{rates}")
+
+
+def throughput(log_paths, key, prefix):
+    """The median rate (and MFU, on GPU) over the trainers' progress lines: the median, because
+    the lines of evaluation steps include the evaluation's time."""
+    rows = [row for log_path in log_paths if os.path.exists(log_path) for row in read_jsonl(log_path)]
+    result = {}
+    for name in (key, "mfu"):
+        values = [row[name] for row in rows if name in row]
+        if values:
+            result[prefix + name] = float(np.median(values))
+    return result
+
+
+# ---------------------------------------------------------------------------- the tables
+@dataclass
+class Stage:
+    run: Callable  # run(run) -> numbers for stage_times.json
+    artifacts: Callable  # artifacts(cfg) -> what it writes under OUT; --force removes them first
+    done: Callable  # done(cfg) -> whether its artifacts are complete, so the stage is skipped
+
+
+@dataclass
+class Method:
+    run: Callable  # run(run, folder, **params) -> numbers for stage_times.json; evaluations go to folder/eval.jsonl
+    runs: Callable  # runs(cfg) -> {folder under OUT: params}, one per setting (DPO: one per beta); done = folder/done
+
+
+STAGES = {
+    "sft": Stage(run_sft, lambda cfg: ["sft.pt", "sft_log.jsonl"],
+                 lambda cfg: finished_checkpoint(cfg, "sft.pt", "sft", sft_config(cfg), SFT_RUN_FIELDS)),
+    "reward": Stage(run_reward, lambda cfg: ["reward.pt", "reward_log.jsonl"],
+                    lambda cfg: finished_checkpoint(cfg, "reward.pt", "reward", reward_config(cfg), REWARD_RUN_FIELDS)),
+    "pairs": Stage(run_pairs, lambda cfg: ["pairs.jsonl"], lambda cfg: os.path.exists(os.path.join(cfg.out, "pairs.jsonl"))),
+    "methods": Stage(run_methods, lambda cfg: [f for m in cfg.method_list() for f in METHODS[m].runs(cfg)],
+                     lambda cfg: all(os.path.exists(os.path.join(cfg.out, f, "done")) for m in cfg.method_list() for f in METHODS[m].runs(cfg))),
+    "report": Stage(run_report, lambda cfg: [], lambda cfg: False),  # cheap: always redone, its files replaced whole
+}
+
+METHODS = {
+    "sft_point": Method(run_sft_point, lambda cfg: {"sft_point": {}}),
+    "preferred_ft": Method(run_preferred_ft, lambda cfg: {"preferred_ft": {}} if cfg.pft_steps else {}),
+    "dpo": Method(run_dpo, lambda cfg: {f"dpo_beta{beta:g}": {"beta": beta} for beta in cfg.beta_list()}),
+}
+
+
+# ---------------------------------------------------------------------------- the experiment's settings
 @dataclass
 class TrainConfig:
     out: str = field(default="out", metadata={"help": "run folder for every artifact"})
     stage: str = field(default="all", metadata={"help": "all | " + " | ".join(STAGES)})
+    methods: str = field(default="all", metadata={"help": "all, or a comma-separated list of " + ", ".join(METHODS)})
     force: bool = field(default=False, metadata={"help": "redo the stages that run, even if their artifacts exist"})
     data: str = field(default=None, metadata={"help": "IMDb archive or aclImdb/ folder (else $IMDB_ARCHIVE, data/, download)"})
     data_verify: bool = field(default=True, metadata={"help": "require the full 25k/25k/50k archive"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     seed: int = field(default=0, metadata={"help": "random seed for every stage"})
     # 1. SFT
-    init: str = field(default="scratch", metadata={"help": "scratch | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | .safetensors path"})
+    init: str = field(default="scratch", metadata={"help": "scratch | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a save_pretrained folder | a .safetensors path"})
     n_layer: int = field(default=4, metadata={"help": "transformer blocks (scratch)"})
     n_head: int = field(default=4, metadata={"help": "attention heads (scratch)"})
     n_embd: int = field(default=128, metadata={"help": "model width (scratch)"})
@@ -83,7 +321,10 @@ class TrainConfig:
     eval_prefixes: int = field(default=64, metadata={"help": "held-out test prefixes per evaluation"})
 
     def validate(self):
-        check(self.stage in ("all",) + STAGES, f"--stage must be all or one of {', '.join(STAGES)}, got {self.stage!r}")
+        check(self.stage == "all" or self.stage in STAGES, f"--stage must be all or one of {', '.join(STAGES)}, got {self.stage!r}")
+        unknown = [m for m in self.method_list() if m not in METHODS]
+        check(self.method_list() and not unknown,
+              f"--methods must be all or a comma-separated list of {', '.join(METHODS)}, got {self.methods!r}")
         for name in ("n_layer", "n_head", "n_embd", "block_size", "sft_steps", "sft_batch_size", "sft_grad_accum",
                      "reward_steps", "reward_batch_size", "reward_max_len", "n_prefixes", "max_new_tokens",
                      "sample_batch_size", "dpo_batch_size", "dpo_micro_batch_size", "eval_interval", "eval_prefixes"):
@@ -106,6 +347,9 @@ class TrainConfig:
     def beta_list(self):
         return [float(b) for b in self.betas.split(",") if b.strip()]
 
+    def method_list(self):
+        return list(METHODS) if self.methods == "all" else [m.strip() for m in self.methods.split(",") if m.strip()]
+
 
 PRESETS = {
     "smoke": dict(n_layer=2, n_head=2, n_embd=64, block_size=48, sft_steps=20, sft_batch_size=8, reward_steps=20,
@@ -121,263 +365,28 @@ PRESETS = {
 }
 
 
-# ---------------------------------------------------------------------------- stages
-def sft_config(cfg):
-    sft_cfg = SFTConfig(out=cfg.out, name="sft", data=cfg.data, init=cfg.init, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                        n_embd=cfg.n_embd, block_size=cfg.block_size, batch_size=cfg.sft_batch_size,
-                        grad_accum=cfg.sft_grad_accum, max_steps=cfg.sft_steps, lr=cfg.sft_lr, min_lr=cfg.sft_lr / 10,
-                        warmup_steps=max(1, cfg.sft_steps // 20), log_interval=max(1, cfg.sft_steps // 20),
-                        eval_interval=max(1, cfg.sft_steps // 4), save_interval=max(1, cfg.sft_steps // 4),
-                        seed=cfg.seed, device=cfg.device, compile=cfg.compile)
-    sft_cfg.validate()
-    return sft_cfg
-
-
-def stage_sft(cfg, imdb):
-    train_tokens = np.concatenate([imdb["train"].tokens, imdb["unsup"].tokens])  # test is held out
-    train_lm(sft_config(cfg), train_tokens, imdb["test"].tokens)
-    return throughput([path(cfg, "sft_log.jsonl")], "tok_per_s", "sft_")
-
-
-def reward_config(cfg):
-    reward_cfg = RewardConfig(sft=path(cfg, "sft.pt"), out=cfg.out, data=cfg.data, max_len=cfg.reward_max_len,
-                              batch_size=cfg.reward_batch_size, max_steps=cfg.reward_steps, lr=cfg.reward_lr,
-                              warmup_steps=max(1, cfg.reward_steps // 10), test_reviews=cfg.reward_test_reviews,
-                              log_interval=max(1, cfg.reward_steps // 10), save_interval=max(1, cfg.reward_steps // 4),
-                              seed=cfg.seed, device=cfg.device)
-    reward_cfg.validate()
-    return reward_cfg
-
-
-def stage_reward(cfg, imdb):
-    _, accuracy = train_reward(reward_config(cfg), imdb)
-    return {"reward_test_accuracy": accuracy, **throughput([path(cfg, "reward_log.jsonl")], "reviews_per_s", "reward_")}
-
-
-def all_pairs(prompt, completions, rewards):
-    """Every pair of distinct completions of one prompt, chosen = the higher reward (6 pairs from 4)."""
-    pairs = []
-    for i in range(len(completions)):
-        for j in range(i + 1, len(completions)):
-            if completions[i] == completions[j]:
-                continue  # identical samples carry no preference
-            w, l = (i, j) if rewards[i] >= rewards[j] else (j, i)
-            pairs.append({"prompt_ids": prompt, "chosen_ids": completions[w], "rejected_ids": completions[l],
-                          "chosen_reward": float(rewards[w]), "rejected_reward": float(rewards[l])})
-    return pairs
-
-
-def stage_pairs(cfg, imdb, device):
-    policy = common.load_model(path(cfg, "sft.pt")).to(device).eval()
-    reward_model = load_reward_model(path(cfg, "reward.pt")).to(device)
-    prompts = make_prefixes(imdb["train"], cfg.n_prefixes, seed=cfg.seed)
-    k = cfg.completions_per_prefix
-    generator = torch.Generator(device=device).manual_seed(cfg.seed + common.rank())
-    t0 = time.time()
-    repeated = [p for p in prompts for _ in range(k)]
-    local = common.local_slice(repeated)  # under torchrun each rank samples a share
-    completions = []
-    for i in range(0, len(local), cfg.sample_batch_size):  # batches, with a progress line each
-        completions += generate(policy, local[i:i + cfg.sample_batch_size], cfg.max_new_tokens,
-                                stop_at_eot=False, generator=generator)
-        done, elapsed = len(completions), time.time() - t0
-        common.print0(f"pairs: sampled {done}/{len(local)} | {done * cfg.max_new_tokens / elapsed:.0f} tok/s | "
-                      f"eta {common.format_seconds((len(local) - done) * elapsed / done)}")
-    sample_time = time.time() - t0
-    rewards = np.array(common.gather(reward_model.score([p + c for p, c in zip(local, completions)]).tolist()))
-    completions = common.gather(completions)
-    enc = get_encoding()
-    pairs = []
-    for n, prompt in enumerate(prompts):
-        pairs += all_pairs(prompt, completions[n * k:(n + 1) * k], rewards[n * k:(n + 1) * k])
-    for pair in pairs:  # readable text beside the exact ids (ids take precedence when read back)
-        pair.update(prompt=enc.decode(pair["prompt_ids"]), chosen=enc.decode(pair["chosen_ids"]),
-                    rejected=enc.decode(pair["rejected_ids"]))
-    if common.is_main():
-        common.atomic_write(path(cfg, "pairs.jsonl"), lambda f: f.write("".join(json.dumps(p) + "\n" for p in pairs).encode()))
-    gap = float(np.mean([p["chosen_reward"] - p["rejected_reward"] for p in pairs]))
-    common.print0(f"pairs: {len(pairs)} pairs from {len(prompts)} prefixes, mean reward {rewards.mean():.3f}, "
-                  f"mean chosen-rejected reward gap {gap:.3f}")
-    return {"pairs": len(pairs), "prefixes": len(prompts), "mean_reward_gap": gap, "sft_sample_reward": float(rewards.mean()),
-            "sampling_tokens_per_s": len(repeated) * cfg.max_new_tokens / sample_time}
-
-
-class Evaluator:
-    """Scores a policy on the held-out prefixes and appends (method, beta, step, kl, reward) rows to a file."""
-
-    def __init__(self, cfg, imdb, device):
-        self.cfg = cfg
-        self.reference = common.load_model(path(cfg, "sft.pt")).to(device).eval()
-        self.reward_model = load_reward_model(path(cfg, "reward.pt")).to(device)
-        self.prompts = make_prefixes(imdb["test"], cfg.eval_prefixes, seed=cfg.seed + 1)
-        self.t0 = time.time()
-
-    def __call__(self, policy, method, beta, step, log_path):
-        metrics, completions = evaluate_policy(policy, self.reference, self.reward_model, self.prompts,
-                                               self.cfg.max_new_tokens, self.cfg.sample_batch_size, seed=self.cfg.seed)
-        row = {"method": method, "beta": beta, "step": step, **metrics, "wall_time": time.time() - self.t0}
-        if common.is_main():
-            os.makedirs(os.path.dirname(log_path), exist_ok=True)
-            with open(log_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        common.print0(f"eval {method} beta={beta} step {step}: reward {metrics['reward']:.3f} | kl {metrics['kl']:.3f}")
-        return metrics, completions
-
-
-def stage_dpo(cfg, evaluator):
-    for beta in cfg.beta_list():
-        run = path(cfg, f"dpo_beta{beta:g}")
-        if os.path.exists(os.path.join(run, "done")):
-            continue
-        dpo_cfg = DPOConfig(sft=path(cfg, "sft.pt"), pairs=path(cfg, "pairs.jsonl"), out=run, beta=beta,
-                            batch_size=cfg.dpo_batch_size, micro_batch_size=cfg.dpo_micro_batch_size,
-                            optimizer=cfg.dpo_optimizer, lr=cfg.dpo_lr, warmup_steps=cfg.dpo_warmup_steps,
-                            max_steps=cfg.dpo_steps, append_eot=False, precompute_ref=cfg.precompute_ref,
-                            log_interval=max(1, cfg.eval_interval // 5), eval_interval=cfg.eval_interval,
-                            save_interval=cfg.eval_interval, seed=cfg.seed, device=cfg.device)
-        dpo_cfg.validate()
-        train_dpo(dpo_cfg, evaluate=lambda step, policy: evaluator(policy, "DPO", beta, step, os.path.join(run, "eval.jsonl"))[0])
-        mark_done(os.path.join(run, "done"))
-    return throughput([os.path.join(path(cfg, f"dpo_beta{b:g}"), "dpo_log.jsonl") for b in cfg.beta_list()],
-                      "pairs_per_s", "dpo_")
-
-
-def stage_baselines(cfg, evaluator, device):
-    """The SFT model itself (the KL = 0 point) and Preferred-FT (SFT continued on the best sample per prefix)."""
-    sft_model = common.load_model(path(cfg, "sft.pt")).to(device)
-    log = path(cfg, "baselines_eval.jsonl")
-    if os.path.exists(log) and common.is_main():
-        os.remove(log)  # the baseline points are recomputed together
-    common.barrier()
-    evaluator(sft_model, "SFT", None, 0, log)
-    if cfg.pft_steps:
-        best = {}
-        with open(path(cfg, "pairs.jsonl")) as f:
-            for line in f:
-                p = json.loads(line)
-                key = tuple(p["prompt_ids"])
-                if key not in best or p["chosen_reward"] > best[key][1]:
-                    best[key] = (p["prompt_ids"] + p["chosen_ids"], p["chosen_reward"])
-        stream = np.array([t for seq, _ in best.values() for t in seq + [EOT]], dtype=np.uint16)
-        pft_cfg = SFTConfig(out=cfg.out, name="preferred_ft", init=path(cfg, "sft.pt"), block_size=cfg.block_size,
-                            batch_size=cfg.sft_batch_size, max_steps=cfg.pft_steps, lr=cfg.pft_lr, min_lr=cfg.pft_lr,
-                            warmup_steps=1, log_interval=max(1, cfg.pft_steps // 5), eval_interval=cfg.pft_steps,
-                            eval_batches=2, save_interval=cfg.pft_steps, seed=cfg.seed, device=cfg.device, compile=False)
-        pft_path = train_lm(pft_cfg, stream, stream)
-        evaluator(common.load_model(pft_path).to(device), "Preferred-FT", None, cfg.pft_steps, log)
-    return throughput([path(cfg, "preferred_ft_log.jsonl")], "tok_per_s", "preferred_ft_")
-
-
-def read_rows(jsonl):
-    """JSONL rows, the last one kept for each (method, beta, step): a resumed run repeats a few evaluations."""
-    rows = {}
-    with open(jsonl) as f:
-        for line in f:
-            row = json.loads(line)
-            rows[(row["method"], row["beta"], row["step"])] = row
-    return list(rows.values())
-
-
-def stage_report(cfg, evaluator, device, summary):
-    rows = read_rows(path(cfg, "baselines_eval.jsonl")) if os.path.exists(path(cfg, "baselines_eval.jsonl")) else []
-    for beta in cfg.beta_list():
-        log = os.path.join(path(cfg, f"dpo_beta{beta:g}"), "eval.jsonl")
-        if os.path.exists(log):
-            rows += sorted(read_rows(log), key=lambda r: r["step"])
-    if not rows:
-        raise UserError(f"no evaluation results in {cfg.out}; run the dpo and baselines stages first")
-    common.atomic_write(path(cfg, "results.jsonl"), lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
-    plot_frontier(rows, path(cfg, "frontier.png"))
-    final = {}
-    for row in rows:  # the last step of each series
-        key = (row["method"], row["beta"])
-        if key not in final or row["step"] >= final[key]["step"]:
-            final[key] = row
-    table = ["| method | beta | step | KL | reward |", "|---|---|---|---|---|"]
-    table += [f"| {r['method']} | {'' if r['beta'] is None else format(r['beta'], 'g')} | {r['step']} | "
-              f"{r['kl']:.2f} | {r['reward']:.3f} |" for r in final.values()]
-    table_text = "\n".join(table)
-    print(table_text)
-    # a handful of completions of the same test prefixes before (SFT) and after DPO (the first beta)
-    enc = get_encoding()
-    prompts = evaluator.prompts[:5]
-    sections = [("SFT", common.load_model(path(cfg, "sft.pt")))]
-    first_dpo = os.path.join(path(cfg, f"dpo_beta{cfg.beta_list()[0]:g}"), "dpo.pt")
-    if os.path.exists(first_dpo):
-        sections.append((f"DPO beta={cfg.beta_list()[0]:g}", common.load_model(first_dpo)))
-    lines = []
-    for name, model in sections:
-        generator = torch.Generator(device=device).manual_seed(cfg.seed)
-        completions = generate(model.to(device).eval(), prompts, cfg.max_new_tokens, stop_at_eot=False, generator=generator)
-        scores = evaluator.reward_model.score([p + c for p, c in zip(prompts, completions)])
-        lines.append(name)  # [reward] prefix|completion, one line each
-        lines += [f"[{s:.2f}] {enc.decode(p)}|{enc.decode(c)}".replace("\n", "\\n") for p, c, s in zip(prompts, completions, scores)]
-    samples = "\n".join(lines)
-    print(samples)
-    common.atomic_write(path(cfg, "report.md"), lambda f: f.write(
-        f"# Results\n\n{table_text}\n\nstage summary: {json.dumps(summary, indent=1)}\n\n"
-        f"# Samples\n\n[reward] prefix|completion\n```\n{samples}\n```\n".encode()))
-    return {}
-
-
-def throughput(log_paths, key, prefix):
-    """The median rate (and MFU, on GPU) over the trainers' progress lines: the median, because
-    the lines of evaluation steps include the evaluation's time."""
-    rows = []
-    for log_path in filter(os.path.exists, log_paths):
-        with open(log_path) as f:
-            rows += [json.loads(line) for line in f]
-    result = {}
-    for name in (key, "mfu"):
-        values = [row[name] for row in rows if name in row]
-        if values:
-            result[prefix + name] = float(np.median(values))
-    return result
-
-
-# ---------------------------------------------------------------------------- ordering the stages
-def path(cfg, name):
-    return os.path.join(cfg.out, name)
-
-
-def mark_done(marker):
-    if common.is_main():
-        open(marker, "w").close()
-    common.barrier()
-
-
-def artifact_done(cfg, stage):
-    """Whether a stage's artifact is complete (so the stage is skipped)."""
-    if stage == "sft":
-        return _finished_checkpoint(path(cfg, "sft.pt"), "sft", sft_config(cfg), SFT_RUN_FIELDS)
-    if stage == "reward":
-        return _finished_checkpoint(path(cfg, "reward.pt"), "reward", reward_config(cfg), REWARD_RUN_FIELDS)
-    if stage == "pairs":
-        return os.path.exists(path(cfg, "pairs.jsonl"))
-    if stage == "dpo":
-        return all(os.path.exists(os.path.join(path(cfg, f"dpo_beta{b:g}"), "done")) for b in cfg.beta_list())
-    if stage == "baselines":
-        return os.path.exists(path(cfg, "baselines_done"))
-    return False  # the report is cheap: always redone
-
-
-def _finished_checkpoint(ckpt_path, kind, stage_cfg, run_fields):
-    """Whether ckpt_path holds the finished run of stage_cfg. A checkpoint of another run (for example
+# ---------------------------------------------------------------------------- the run folder
+def finished_checkpoint(cfg, name, kind, stage_cfg, run_fields):
+    """Whether OUT/name holds the finished run of stage_cfg. A checkpoint of another run (for example
     one `python sft.py` left in the same folder with its own settings) is refused, not reused."""
+    ckpt_path = os.path.join(cfg.out, name)
     if not os.path.exists(ckpt_path):
         return False
-    ckpt = common.load_checkpoint(ckpt_path, kind=kind)  # the same checks as the trainers' resume
-    common.check_same_run(ckpt_path, ckpt, stage_cfg, run_fields)
+    ckpt = load_checkpoint(ckpt_path, kind=kind)  # the same checks as the trainers' resume
+    check_same_run(ckpt_path, ckpt["config"], stage_cfg, run_fields)
     return ckpt["step"] >= stage_cfg.max_steps
 
 
-def forget(cfg, stage):
-    """--force: remove a stage's artifacts (only that stage's) so it runs again."""
-    names = {"sft": ["sft.pt", "sft_log.jsonl"], "reward": ["reward.pt", "reward_log.jsonl"], "pairs": ["pairs.jsonl"],
-             "dpo": [f"dpo_beta{b:g}" for b in cfg.beta_list()],
-             "baselines": ["baselines_done", "baselines_eval.jsonl", "preferred_ft.pt", "preferred_ft_log.jsonl"]}
-    for name in names.get(stage, []):
-        p = path(cfg, name)
+def mark_done(marker):
+    if is_main():
+        open(marker, "w").close()
+    barrier()
+
+
+def remove(cfg, names):
+    """--force: remove these artifacts under OUT so their stage runs again."""
+    for name in names:
+        p = os.path.join(cfg.out, name)
         if os.path.isdir(p):
             shutil.rmtree(p)
         elif os.path.exists(p):
@@ -386,62 +395,36 @@ def forget(cfg, stage):
 
 def check_run_folder(cfg):
     """An --out folder that holds another experiment's artifacts is refused instead of mixed."""
-    saved = path(cfg, "config.json")
+    saved = os.path.join(cfg.out, "config.json")
     keys = ("init", "n_layer", "n_head", "n_embd", "block_size", "sft_steps", "reward_steps", "n_prefixes",
             "completions_per_prefix", "max_new_tokens", "seed")
     if os.path.exists(saved):
-        with open(saved) as f:
-            old = json.load(f)
-        differs = [k for k in keys if old.get(k) != getattr(cfg, k)]
-        if differs:
-            raise UserError(f"{cfg.out} holds a run with a different config ({', '.join(f'{k}: {old.get(k)} vs {getattr(cfg, k)}' for k in differs)}); "
-                            f"pass another --out, or use the same settings to continue that run")
-    common.save_json(saved, asdict(cfg))
+        check_same_run(saved, read_json(saved), cfg, keys)
+    save_json(saved, asdict(cfg))
 
 
 def main():
-    cfg = common.parse_config(TrainConfig, presets=PRESETS, default_preset="gpu" if torch.cuda.is_available() else "cpu",
-                              description=__doc__.split("\n\n")[0])
-    device = common.setup_device(cfg.device)
+    cfg = parse_config(TrainConfig, presets=PRESETS, default_preset="gpu" if torch.cuda.is_available() else "cpu",
+                       description=__doc__)
+    device = setup_device(cfg.device)
     check_run_folder(cfg)
-    imdb = load_imdb(cfg.data, verify=cfg.data_verify)
-    times_path = path(cfg, "stage_times.json")
-    summary = json.load(open(times_path)) if os.path.exists(times_path) else {}
-    evaluator = None
-    for stage in STAGES:
-        if cfg.stage not in ("all", stage):
+    run = Run(cfg, load_imdb(cfg.data, verify=cfg.data_verify), device)
+    for name, stage in STAGES.items():
+        if cfg.stage not in ("all", name):
             continue
         if cfg.force:
-            forget(cfg, stage)
-        elif artifact_done(cfg, stage):
-            common.print0(f"=== {stage}: done already (artifact in {cfg.out}; --force redoes it)")
+            remove(cfg, stage.artifacts(cfg))
+        elif stage.done(cfg):
+            print0(f"=== {name}: done already (artifact in {cfg.out}; --force redoes it)")
             continue
-        common.print0(f"=== {stage}")
+        print0(f"=== {name}")
         t0 = time.time()
-        if stage in ("dpo", "baselines", "report") and evaluator is None:
-            evaluator = Evaluator(cfg, imdb, device)
-        result = {}
-        if stage == "sft":
-            result = stage_sft(cfg, imdb)
-        elif stage == "reward":
-            result = stage_reward(cfg, imdb)
-        elif stage == "pairs":
-            result = stage_pairs(cfg, imdb, device)
-        elif stage == "dpo":
-            result = stage_dpo(cfg, evaluator)
-        elif stage == "baselines":
-            result = stage_baselines(cfg, evaluator, device)
-            mark_done(path(cfg, "baselines_done"))
-        elif common.is_main():  # the report: one process draws and writes it
-            result = stage_report(cfg, evaluator, device, summary)
-        common.barrier()
-        summary[stage] = {"seconds": round(time.time() - t0, 1), **result, "device": device,
-                          "hardware": torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU x{os.cpu_count()}"}
-        common.save_json(times_path, summary)
-        rates = "".join(f", {k} {v:.3g}" for k, v in result.items() if k.endswith(("_per_s", "mfu")))
-        common.print0(f"=== {stage}: {summary[stage]['seconds']:.0f}s{rates}")
-    common.print0("stage times: " + ", ".join(f"{k} {v['seconds']:.0f}s" for k, v in summary.items()))
+        result = stage.run(run)
+        barrier()
+        if result is not None:
+            record_time(run, name, time.time() - t0, result)
+    print0("stage times: " + ", ".join(f"{k} {v['seconds']:.0f}s" for k, v in read_stage_times(run).items()))
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    run_main(main)

@@ -38,3 +38,42 @@ def write_tiny_imdb(path, n_train=40, n_test=20, n_unsup=20, words=60):
 @pytest.fixture(scope="session")
 def tiny_imdb(tmp_path_factory):
     return write_tiny_imdb(tmp_path_factory.mktemp("imdb") / "aclImdb_v1.tar.gz")
+
+
+# ---------------------------------------------------------------------------- tiny models and checkpoints
+import dataclasses  # noqa: E402
+import math  # noqa: E402
+
+import torch  # noqa: E402
+
+from checkpoint import save_checkpoint  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+
+
+def tiny_gpt(seed=0, vocab_size=50257, block_size=32, n_layer=1, n_head=2, n_embd=16):
+    """A small GPT with the model's own initialisation, the same weights for the same arguments."""
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd))
+
+
+def sharp_gpt(seed=0, vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=32):
+    """A small GPT whose weights are large enough that logits are O(1): a wrong mask, position or
+    cache entry then moves the logits far beyond any tolerance, and greedy choices are not near ties."""
+    model = tiny_gpt(seed, vocab_size, block_size, n_layer, n_head, n_embd)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif p.dim() == 1:
+                p.copy_(0.1 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / math.sqrt(p.shape[-1]))
+    return model.eval()
+
+
+def save_tiny_checkpoint(path, model=None, kind="sft"):
+    """A checkpoint of ours holding model (default: tiny_gpt()), as the trainers write one. Returns its path."""
+    model = model if model is not None else tiny_gpt()
+    save_checkpoint(str(path), {"kind": kind, "model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
+                                "config": {}, "step": 0})
+    return str(path)

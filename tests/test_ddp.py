@@ -1,6 +1,5 @@
 """Data parallel with torchrun: 2 CPU processes (gloo) must follow the same trajectory as one
 process that sees the same global batch."""
-import dataclasses
 import io
 import json
 import os
@@ -11,8 +10,8 @@ import tarfile
 import pytest
 import torch
 
-import common
-from model import GPT, GPTConfig
+from checkpoint import read_jsonl
+from conftest import save_tiny_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,28 +27,20 @@ def run(args, cwd, nproc=1):
 
 
 def losses(log_path):
-    with open(log_path) as f:
-        return [row["loss"] for row in map(json.loads, f) if "loss" in row]
-
-
-def tiny_sft_checkpoint(path):
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=50257, block_size=32, n_layer=1, n_head=2, n_embd=16))
-    common.save_checkpoint(path, {"kind": "sft", "model": model.state_dict(), "step": 0, "config": {},
-                                  "model_config": dataclasses.asdict(model.config)})
+    return [row["loss"] for row in read_jsonl(log_path) if "loss" in row]
 
 
 def test_dpo_with_two_processes_matches_one_process(tmp_path):
-    tiny_sft_checkpoint(tmp_path / "sft.pt")
+    save_tiny_checkpoint(tmp_path / "sft.pt")
     with open(tmp_path / "pairs.jsonl", "w") as f:
         for i in range(16):
             f.write(json.dumps({"prompt": f"Review {i}:", "chosen": " a fine, warm film" + " yes" * (i % 3),
                                 "rejected": " dull" + " no" * (i % 4)}) + "\n")
-    common_args = ["dpo.py", "--sft", str(tmp_path / "sft.pt"), "--pairs", str(tmp_path / "pairs.jsonl"),
+    dpo_args = ["dpo.py", "--sft", str(tmp_path / "sft.pt"), "--pairs", str(tmp_path / "pairs.jsonl"),
                    "--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "4", "--log-interval", "1",
                    "--optimizer", "adamw", "--lr", "1e-2", "--warmup-steps", "1", "--device", "cpu"]
-    run(common_args + ["--out", str(tmp_path / "single")], ROOT)
-    run(common_args + ["--out", str(tmp_path / "ddp")], ROOT, nproc=2)
+    run(dpo_args + ["--out", str(tmp_path / "single")], ROOT)
+    run(dpo_args + ["--out", str(tmp_path / "ddp")], ROOT, nproc=2)
     single, ddp = losses(tmp_path / "single" / "dpo_log.jsonl"), losses(tmp_path / "ddp" / "dpo_log.jsonl")
     assert len(single) == len(ddp) == 4
     assert single[-1] < single[0] - 1e-3  # the run actually moved, so matching is not trivial

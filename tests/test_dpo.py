@@ -6,7 +6,6 @@ positions in float64, hand-written formulas with math.log / math.exp, per-sequen
 the closed-form optimum pi*(y) = pi_ref(y) exp(r(y) / beta) / Z, or a synthetic reward on a toy task.
 """
 import copy
-import dataclasses
 import json
 import math
 import os
@@ -15,12 +14,13 @@ import random
 import pytest
 import torch
 
-import common
 import dpo
 import sample
+from checkpoint import load_checkpoint, load_model, read_jsonl
+from cli import UserError
+from conftest import save_tiny_checkpoint, tiny_gpt
 from data import get_encoding
 from dpo import EOT, DPOConfig, PreferencePair
-from model import GPT, GPTConfig
 
 LN2 = math.log(2.0)
 
@@ -62,11 +62,6 @@ def response_logp(model, prompt, response):
     return sum(logps[t - 1, seq[0, t]] for t in range(len(prompt), len(prompt) + len(response)))
 
 
-def tiny_gpt(vocab_size=50257, n_layer=1, n_embd=16, block_size=32, seed=0):
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=vocab_size, n_layer=n_layer, n_head=2, n_embd=n_embd, block_size=block_size))
-
-
 def random_pairs(rng, n, vocab=1000, prompt_len=(1, 6), response_len=(1, 8)):
     pairs = []
     for _ in range(n):
@@ -75,11 +70,6 @@ def random_pairs(rng, n, vocab=1000, prompt_len=(1, 6), response_len=(1, 8)):
         rejected = [rng.randrange(vocab) for _ in range(rng.randint(*response_len))]
         pairs.append(PreferencePair(prompt, chosen, rejected))
     return pairs
-
-
-def save_sft_checkpoint(path, model):
-    common.save_checkpoint(path, {"kind": "sft", "model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
-                                  "config": {}, "step": 0})
 
 
 def write_jsonl(path, records):
@@ -243,7 +233,7 @@ BAD_LINES = [  # (line, words the message must contain)
 def test_bad_line_raises_user_error_with_path_line_and_problem(tmp_path, bad_line, words):
     path = tmp_path / "pairs.jsonl"
     write_jsonl(path, [GOOD, "", GOOD, bad_line, GOOD])  # the bad line is line 4 (blank lines still count)
-    with pytest.raises(common.UserError) as info:
+    with pytest.raises(UserError) as info:
         dpo.read_pairs(str(path), max_length=32)
     message = str(info.value)
     assert str(path) in message and ":4" in message, message
@@ -282,15 +272,21 @@ def test_loss_is_ln2_when_policy_equals_reference():
 
 
 # ---------------------------------------------------------------------------- 4. the gradient
-def test_gradient_matches_paper_form():
-    """grad L = -beta E[sigma(r_l - r_w) (grad log pi(y_w|x) - grad log pi(y_l|x))], r = beta log(pi / pi_ref)."""
-    beta = 0.5
+def reference_and_perturbed_policy(noise_seed):
+    """A float64 tiny GPT as frozen reference, and a policy that is it plus N(0, 0.3^2) noise on every weight."""
     reference = tiny_gpt(seed=1).double().eval().requires_grad_(False)
     policy = copy.deepcopy(reference).requires_grad_(True)
-    g = torch.Generator().manual_seed(2)
+    g = torch.Generator().manual_seed(noise_seed)
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+    return reference, policy
+
+
+def test_gradient_matches_paper_form():
+    """grad L = -beta E[sigma(r_l - r_w) (grad log pi(y_w|x) - grad log pi(y_l|x))], r = beta log(pi / pi_ref)."""
+    beta = 0.5
+    reference, policy = reference_and_perturbed_policy(noise_seed=2)
     pairs = random_pairs(random.Random(1), 3, vocab=50257, prompt_len=(1, 5), response_len=(1, 6))
 
     # the code: one concatenated, right-padded forward pass and autograd through the DPO loss
@@ -321,6 +317,38 @@ def test_gradient_matches_paper_form():
     flat_got, flat_expected = torch.cat([t.flatten() for t in got]), torch.cat([t.flatten() for t in expected])
     assert flat_expected.norm() > 0
     assert (flat_got.double() - flat_expected).norm() <= 1e-5 * flat_expected.norm()
+
+
+def test_dpo_step_takes_the_gradient_of_the_mean_loss_over_its_micro_batches():
+    """dpo.dpo_step over two micro-batches of 2 pairs moves the weights (plain SGD, lr 1) by minus the
+    gradient of the mean Eq. 7 loss over all 4 pairs, each pair's loss computed alone in float64; its
+    metrics are the means over the 4 pairs, and the gradients are cleared for the next step."""
+    beta = 0.5
+    reference, policy = reference_and_perturbed_policy(noise_seed=3)
+    pairs = random_pairs(random.Random(4), 4, vocab=50257, prompt_len=(1, 5), response_len=(1, 6))
+    params = list(policy.parameters())
+
+    margins, losses = [], []
+    for pair in pairs:
+        chosen, rejected = pair.chosen + [EOT], pair.rejected + [EOT]
+        r_w = beta * (response_logp(policy, pair.prompt, chosen) - response_logp(reference, pair.prompt, chosen))
+        r_l = beta * (response_logp(policy, pair.prompt, rejected) - response_logp(reference, pair.prompt, rejected))
+        margins.append((r_w - r_l).item())
+        losses.append(-torch.nn.functional.logsigmoid(r_w - r_l))
+    mean_loss = sum(losses) / len(losses)
+    expected_step = [-grad for grad in torch.autograd.grad(mean_loss, params)]
+
+    before = [p.detach().clone() for p in params]
+    metrics = dpo.dpo_step(policy, torch.optim.SGD(params, lr=1.0), [(pairs[:2], None), (pairs[2:], None)], reference,
+                           DPOConfig(beta=beta, grad_clip=0.0), max_length=32, lr=1.0, step=0)
+    moved = torch.cat([(p.detach() - b).flatten() for p, b in zip(params, before)])
+    expected = torch.cat([e.flatten() for e in expected_step])
+    assert expected.norm() > 0
+    assert (moved - expected).norm() <= 1e-9 * expected.norm()
+    assert metrics["loss"] == pytest.approx(mean_loss.item(), rel=1e-9)
+    assert metrics["rewards/margins"] == pytest.approx(sum(margins) / 4, rel=1e-9)
+    assert metrics["rewards/accuracies"] == sum(m > 0 for m in margins) / 4
+    assert all(p.grad is None for p in params)
 
 
 # ---------------------------------------------------------------------------- 5. Z(x) cancels (Eq. 6)
@@ -455,7 +483,7 @@ TEXT_PAIRS = [  # short texts of different lengths: every token costs a 50257-wi
 def trainer_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("dpo_trainer")
     sft, pairs = str(root / "sft.pt"), str(root / "pairs.jsonl")
-    save_sft_checkpoint(sft, tiny_gpt(seed=3))
+    save_tiny_checkpoint(sft, tiny_gpt(seed=3))
     write_jsonl(pairs, TEXT_PAIRS)
     return root, sft, pairs
 
@@ -470,9 +498,7 @@ def trainer_config(sft, pairs, out, **overrides):
 
 
 def logged_losses(out):
-    with open(os.path.join(out, "dpo_log.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return [(row["step"], row["loss"]) for row in rows if "loss" in row]
+    return [(row["step"], row["loss"]) for row in read_jsonl(os.path.join(out, "dpo_log.jsonl")) if "loss" in row]
 
 
 @pytest.fixture(scope="module")
@@ -503,8 +529,8 @@ def test_resumed_run_equals_uninterrupted_run(trainer_files, live_run):
     assert [s for s, _ in logged_losses(out)] == [1, 2, 3, 4, 5]
     for (_, a), (_, b) in zip(logged_losses(out), logged_losses(live_run)):
         assert a == pytest.approx(b, rel=1e-6, abs=1e-7)
-    resumed = common.load_checkpoint(os.path.join(out, "dpo.pt"), kind="dpo")
-    uninterrupted = common.load_checkpoint(os.path.join(live_run, "dpo.pt"), kind="dpo")
+    resumed = load_checkpoint(os.path.join(out, "dpo.pt"), kind="dpo")
+    uninterrupted = load_checkpoint(os.path.join(live_run, "dpo.pt"), kind="dpo")
     assert resumed["step"] == uninterrupted["step"] == 5
     initial = torch.load(sft, weights_only=True)["model"]
     assert any(not torch.equal(initial[k], uninterrupted["model"][k]) for k in initial)
@@ -514,7 +540,7 @@ def test_resumed_run_equals_uninterrupted_run(trainer_files, live_run):
 
 def test_resume_with_a_different_config_is_refused(trainer_files, live_run):
     _, sft, pairs = trainer_files
-    with pytest.raises(common.UserError, match="beta"):
+    with pytest.raises(UserError, match="beta"):
         dpo.train_dpo(trainer_config(sft, pairs, live_run, beta=0.2, max_steps=6))
 
 
@@ -546,7 +572,7 @@ def toy_language_model():
     a 50257-token vocabulary): feature 0 of the final hidden state is the constant 1 (LayerNorm weight 0,
     bias 1), and column 0 of the tied embedding puts the ten toy tokens at logit ~0, end-of-text at -4 and
     every other token at -15, so samples are nearly uniform over the toy tokens, a few words long."""
-    model = tiny_gpt(n_layer=1, n_embd=16, block_size=16, seed=0)
+    model = tiny_gpt(block_size=16)
     with torch.no_grad():
         model.transformer.ln_f.weight[0] = 0.0
         model.transformer.ln_f.bias[0] = 1.0
@@ -582,13 +608,13 @@ def implicit_reward_accuracy(policy, reference, pairs, beta):
 def test_dpo_raises_reward_of_samples_on_toy_task(tmp_path):
     reference = toy_language_model()
     sft = str(tmp_path / "sft.pt")
-    save_sft_checkpoint(sft, reference)
+    save_tiny_checkpoint(sft, reference)
     rng = random.Random(1)
     train_pairs, held_out = toy_pairs(rng, 64), toy_pairs(rng, 32)
     beta = 0.1
     cfg = trainer_config(sft, str(tmp_path / "unused.jsonl"), str(tmp_path / "dpo"), beta=beta, lr=1e-2, batch_size=8,
                          micro_batch_size=8, max_steps=8, log_interval=4, precompute_ref=True)
-    policy = common.load_model(dpo.train_dpo(cfg, pairs=train_pairs))
+    policy = load_model(dpo.train_dpo(cfg, pairs=train_pairs))
 
     prompt_rng = random.Random(2)
     prompts = [toy_sequence(prompt_rng, 1) for _ in range(96)]

@@ -1,7 +1,6 @@
 """The IMDb experiment: the KL estimator, the pair builder, the reward model, and the whole
 pipeline (smoke preset) including a kill between stages."""
 import copy
-import dataclasses
 import itertools
 import json
 import math
@@ -15,25 +14,25 @@ import numpy as np
 import pytest
 import torch
 
-import common
+import evaluate
+from checkpoint import load_state, read_jsonl
+from conftest import save_tiny_checkpoint, tiny_gpt
 from data import EOT, TokenizedSplit
-from evaluate import evaluate_policy, sequence_kl
-from model import GPT, GPTConfig
+from evaluate import evaluate_policy, sequence_kl, shown_kl
+from pairs import all_pairs
 from reward import RewardConfig, RewardModel, train_reward
-from train import all_pairs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_gpt(seed, vocab=3, block=8):
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=vocab, block_size=block, n_layer=1, n_head=2, n_embd=8)).double().eval()
+def double_gpt(seed, vocab_size=3):
+    return tiny_gpt(seed, vocab_size=vocab_size, block_size=8, n_embd=8).double().eval()
 
 
 def test_sequence_kl_equals_brute_force_enumeration():
     """Sum over y of pi(y) * estimator(y) is the exact KL(pi || pi_ref) over all V^H continuations."""
     V, H, prompt = 3, 3, [1, 0]
-    policy, reference = tiny_gpt(0), tiny_gpt(1)
+    policy, reference = double_gpt(0), double_gpt(1)
     with torch.no_grad():
         for p in policy.parameters():  # sharpen the policy so the KL is far from zero
             p.mul_(3.0)
@@ -60,7 +59,7 @@ def test_sequence_kl_equals_brute_force_enumeration():
 
 
 def test_sequence_kl_ignores_prompt_and_padding_positions():
-    policy, reference = tiny_gpt(0, vocab=5), tiny_gpt(1, vocab=5)
+    policy, reference = double_gpt(0, vocab_size=5), double_gpt(1, vocab_size=5)
     tokens = torch.tensor([[1, 2, 3, 4, 0, 0]])
     mask = torch.tensor([[0, 0, 1, 1, 0, 0]])
     with torch.no_grad():
@@ -78,13 +77,27 @@ class FakeRewardModel(torch.nn.Module):
 
 
 def test_kl_is_exactly_zero_when_policy_equals_reference():
-    torch.manual_seed(0)
-    policy = GPT(GPTConfig(vocab_size=50257, block_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
+    policy = tiny_gpt().eval()
     prompts = [[10, 11], [12, 13, 14, 15], [16, 17, 18]]
     metrics, completions = evaluate_policy(policy, copy.deepcopy(policy), FakeRewardModel(), prompts, 6, 2, seed=0)
     assert metrics["kl"] == 0.0
     assert all(len(c) == 6 for c in completions)
     assert 0.0 <= metrics["reward"] <= 1.0
+
+
+def test_kl_in_chunks_of_rows_equals_kl_in_one_pass(monkeypatch):
+    """The KL is computed KL_ROWS sequences at a time to bound memory; the chunking changes no number."""
+    policy, reference = tiny_gpt(seed=0).eval(), tiny_gpt(seed=1).eval()
+    prompts = [[10 + i] * (1 + i % 3) for i in range(7)]
+    whole, _ = evaluate_policy(policy, reference, FakeRewardModel(), prompts, 5, 8, seed=0)
+    monkeypatch.setattr(evaluate, "KL_ROWS", 2)
+    chunked, _ = evaluate_policy(policy, reference, FakeRewardModel(), prompts, 5, 8, seed=0)
+    assert whole["kl"] > 0.01
+    assert chunked["kl"] == pytest.approx(whole["kl"], rel=1e-6) and chunked["reward"] == whole["reward"]
+
+
+def test_a_kl_that_rounds_to_zero_reads_zero_not_minus_zero():
+    assert shown_kl(-3e-9, 2) == "0.00" and shown_kl(0.0, 3) == "0.000" and shown_kl(1.234, 2) == "1.23"
 
 
 def test_pair_builder_gives_six_pairs_from_four_completions_chosen_higher():
@@ -113,16 +126,14 @@ def test_reward_model_learns_a_separable_task_and_scores_are_probabilities(tmp_p
         return TokenizedSplit(tokens, offsets, labels)
 
     imdb = {"train": split(2048), "test": split(128)}
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=50257, block_size=16, n_layer=1, n_head=2, n_embd=16))
-    common.save_checkpoint(str(tmp_path / "sft.pt"), {"kind": "sft", "model": model.state_dict(), "step": 0, "config": {},
-                                                      "model_config": dataclasses.asdict(model.config)})
+    model = tiny_gpt(block_size=16)
+    save_tiny_checkpoint(tmp_path / "sft.pt", model)
     cfg = RewardConfig(sft=str(tmp_path / "sft.pt"), out=str(tmp_path), max_len=16, min_len=12, batch_size=32,
                        max_steps=100, lr=2e-3, warmup_steps=5, test_reviews=0, log_interval=40, device="cpu")
     path, accuracy = train_reward(cfg, imdb)
     assert accuracy >= 0.9
     reward_model = RewardModel(model.config)
-    common.load_state(reward_model, torch.load(path, weights_only=True)["model"], path)
+    load_state(reward_model, torch.load(path, weights_only=True)["model"], path)
     scores = reward_model.eval().score([imdb["test"].review(i).tolist() for i in range(20)])
     assert np.all((scores >= 0) & (scores <= 1))
     assert np.mean((scores > 0.5) == (imdb["test"].labels[:20] == 1)) >= 0.9
@@ -152,7 +163,7 @@ def test_smoke_pipeline_writes_results_and_resumes_after_a_kill(tmp_path, tiny_i
     assert code == 0, log[-3000:]
     for stage in ("sft", "reward", "pairs"):
         assert f"=== {stage}: done already" in log
-    rows = [json.loads(line) for line in open(out / "results.jsonl")]
+    rows = read_jsonl(out / "results.jsonl")
     assert {r["method"] for r in rows} == {"SFT", "Preferred-FT", "DPO"}
     assert {r["beta"] for r in rows if r["method"] == "DPO"} == {0.1, 1.0}
     for r in rows:
@@ -162,15 +173,15 @@ def test_smoke_pipeline_writes_results_and_resumes_after_a_kill(tmp_path, tiny_i
     assert dpo_steps == [0, 3, 6]  # eval_interval 3 of the smoke preset, 6 steps
     assert next(r for r in rows if r["method"] == "SFT")["kl"] == 0.0
     assert (out / "frontier.png").stat().st_size > 10_000
-    pairs = [json.loads(line) for line in open(out / "pairs.jsonl")]
+    pairs = read_jsonl(out / "pairs.jsonl")
     prefixes = {tuple(p["prompt_ids"]) for p in pairs}
     assert len(prefixes) == 16  # no prefix lost
     assert len(pairs) == 6 * 16
     assert all(p["chosen_reward"] >= p["rejected_reward"] for p in pairs)
     times = json.load(open(out / "stage_times.json"))
-    assert {"sft", "reward", "dpo", "baselines", "report"} <= set(times)  # pairs' time may die with the kill
+    assert {"sft", "reward", "sft_point", "preferred_ft", "dpo", "report"} <= set(times)  # pairs' time may die with the kill
     assert times["sft"]["sft_tok_per_s"] > 0 and times["dpo"]["dpo_pairs_per_s"] > 0
-    assert times["baselines"]["preferred_ft_tok_per_s"] > 0
+    assert times["preferred_ft"]["preferred_ft_tok_per_s"] > 0
     assert times["reward"]["reward_reviews_per_s"] > 0 and 0 <= times["reward"]["reward_test_accuracy"] <= 1
     samples = (out / "report.md").read_text().split("```\n")[1]  # the fenced block: the same prefixes before and after DPO
     before, after = samples.split("SFT\n", 1)[1].split("DPO beta=0.1\n")
@@ -178,3 +189,13 @@ def test_smoke_pipeline_writes_results_and_resumes_after_a_kill(tmp_path, tiny_i
     def prefixes(block):  # lines "[reward] prefix|completion"
         return [line.split("|")[0][len("[0.00] "):] for line in block.strip().splitlines()]
     assert len(prefixes(before)) == 5 and prefixes(before) == prefixes(after)
+
+    # --methods picks methods: --force redoes only the chosen one, and the report shows only the chosen ones
+    dpo_done = (out / "dpo_beta0.1" / "done").stat().st_mtime_ns
+    code, log = run_train(args + ["--stage", "methods", "--methods", "sft_point", "--force"], tmp_path)
+    assert code == 0, log[-3000:]
+    assert "eval SFT beta=None step 0" in log and "eval DPO" not in log
+    assert (out / "dpo_beta0.1" / "done").stat().st_mtime_ns == dpo_done
+    code, log = run_train(args + ["--stage", "report", "--methods", "dpo"], tmp_path)
+    assert code == 0, log[-3000:]
+    assert {row["method"] for row in read_jsonl(out / "results.jsonl")} == {"DPO"}

@@ -8,25 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from model import GPT, GPTConfig, KVCache
+from conftest import sharp_gpt
+from model import GPT, GPT2_SIZES, KVCache
 
 TOL = dict(rtol=1e-5, atol=1e-5)
-
-
-def tiny_model(seed=0, vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=32):
-    """A small GPT whose weights are large enough that logits are O(1): a wrong mask, position or
-    cache entry then moves the logits far beyond the tolerance."""
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            elif p.dim() == 1:
-                p.copy_(0.1 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) / math.sqrt(p.shape[-1]))
-    return model.eval()
 
 
 def random_tokens(n, vocab_size, seed):
@@ -35,13 +20,13 @@ def random_tokens(n, vocab_size, seed):
 
 # ---------------------------------------------------------------------------- forward, cache, padding
 def test_forward_returns_logits_for_every_position():
-    model = tiny_model()
+    model = sharp_gpt()
     idx = torch.randint(0, 101, (3, 7))
     assert model(idx).shape == (3, 7, 101)
 
 
 def test_lm_head_is_tied_to_token_embedding():
-    model = tiny_model()
+    model = sharp_gpt()
     assert model.lm_head.weight is model.transformer.wte.weight
     with torch.no_grad():
         model.transformer.wte.weight[5].fill_(0.25)
@@ -49,7 +34,7 @@ def test_lm_head_is_tied_to_token_embedding():
 
 
 def test_sequence_longer_than_block_size_raises_value_error():
-    model = tiny_model(block_size=16)
+    model = sharp_gpt(block_size=16)
     model(torch.zeros(1, 16, dtype=torch.long))  # exactly the context is fine
     with pytest.raises(ValueError, match="16"):
         model(torch.zeros(1, 17, dtype=torch.long))
@@ -61,7 +46,7 @@ def test_sequence_longer_than_block_size_raises_value_error():
 
 @pytest.mark.parametrize("padded", [False, True], ids=["no_mask", "with_mask"])
 def test_changing_a_future_token_never_changes_earlier_logits(padded):
-    model = tiny_model()
+    model = sharp_gpt()
     T = 10
     idx = random_tokens(T, 101, seed=1)[None]
     mask = torch.ones(1, T, dtype=torch.long) if padded else None
@@ -76,7 +61,7 @@ def test_changing_a_future_token_never_changes_earlier_logits(padded):
 
 
 def test_kv_cache_decoding_matches_full_forward():
-    model = tiny_model()
+    model = sharp_gpt()
     T = 14
     idx = random_tokens(T, 101, seed=2)[None]
     with torch.no_grad():
@@ -101,7 +86,7 @@ def left_padded(rows, pad_seed=0):
 
 
 def test_left_padded_batch_matches_each_row_run_alone():
-    model = tiny_model()
+    model = sharp_gpt()
     rows = [random_tokens(n, 101, seed=10 + n) for n in (9, 4, 1, 6)]
     ids, mask = left_padded(rows)
     with torch.no_grad():
@@ -112,7 +97,7 @@ def test_left_padded_batch_matches_each_row_run_alone():
 
 
 def test_left_padded_kv_cache_decoding_matches_each_row_run_alone():
-    model = tiny_model()
+    model = sharp_gpt()
     prompts = [random_tokens(n, 101, seed=20 + n) for n in (7, 2, 5)]
     continuation = torch.randint(0, 101, (3, 6), generator=torch.Generator().manual_seed(3))  # teacher-forced
     ids, mask = left_padded(prompts, pad_seed=4)
@@ -130,7 +115,7 @@ def test_left_padded_kv_cache_decoding_matches_each_row_run_alone():
 
 
 # ---------------------------------------------------------------------------- GPT-2 weights
-V, BLOCK, N_LAYER, N_EMBD, N_HEAD = 50, 16, 2, 128, 2  # GPT.from_pretrained infers 64-wide heads: 128 -> 2 heads
+V, BLOCK, N_LAYER, N_EMBD, N_HEAD = 50, 16, 2, 32, 4  # 8-wide heads, not GPT-2's 64: only config.json tells
 
 
 def gpt2_tensors(seed=0):
@@ -175,12 +160,50 @@ def write_safetensors(path, tensors):
         f.write(struct.pack("<Q", len(text)) + text + b"".join(blobs))
 
 
-def reference_gpt2_logits(t, idx):
+def hf_config(**changes):
+    """config.json as save_pretrained writes it (transformers 5, abridged) for the fixture's GPT-2."""
+    config = {
+        "activation_function": "gelu_new", "add_cross_attention": False, "architectures": ["GPT2LMHeadModel"],
+        "attn_pdrop": 0.1, "bos_token_id": 50256, "dtype": "float32", "embd_pdrop": 0.1, "eos_token_id": 50256,
+        "initializer_range": 0.02, "layer_norm_epsilon": 1e-05, "model_type": "gpt2", "n_embd": N_EMBD,
+        "n_head": N_HEAD, "n_inner": None, "n_layer": N_LAYER, "n_positions": BLOCK, "pad_token_id": None,
+        "reorder_and_upcast_attn": False, "resid_pdrop": 0.1, "scale_attn_by_inverse_layer_idx": False,
+        "scale_attn_weights": True, "summary_activation": None, "summary_type": "cls_index",
+        "tie_word_embeddings": True, "transformers_version": "5.24.0", "use_cache": True, "vocab_size": V,
+    }
+    return {**config, **changes}
+
+
+# the hub's gpt2 config.json, sizes scaled down: older configs have n_ctx and lack the fields added since
+HUB_STYLE_CONFIG = {
+    "activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.1,
+    "bos_token_id": 50256, "embd_pdrop": 0.1, "eos_token_id": 50256, "initializer_range": 0.02,
+    "layer_norm_epsilon": 1e-05, "model_type": "gpt2", "n_ctx": BLOCK, "n_embd": N_EMBD, "n_head": N_HEAD,
+    "n_layer": N_LAYER, "n_positions": BLOCK, "resid_pdrop": 0.1, "summary_activation": None,
+    "task_specific_params": {"text-generation": {"do_sample": True, "max_length": 50}}, "vocab_size": V,
+}
+
+
+def save_pretrained(folder, tensors, config=None, prefix="transformer.", buffers=False):
+    """A folder as save_pretrained writes it: config.json and model.safetensors with HF's names (the
+    `transformer.` prefix; older checkpoints also carry the causal-mask buffers). Returns it as a str."""
+    folder.mkdir()
+    on_disk = {prefix + k: v for k, v in tensors.items()}
+    if buffers:  # not parameters: the loader must skip them
+        for i in range(N_LAYER):
+            on_disk[f"{prefix}h.{i}.attn.bias"] = np.tril(np.ones((1, 1, BLOCK, BLOCK), np.float32))
+            on_disk[f"{prefix}h.{i}.attn.masked_bias"] = np.array([-1e4], np.float32)
+    write_safetensors(folder / "model.safetensors", on_disk)
+    (folder / "config.json").write_text(json.dumps(config or hf_config(), indent=2))
+    return str(folder)
+
+
+def reference_gpt2_logits(t, idx, n_head=N_HEAD):
     """GPT-2 forward in float64 NumPy from the raw tensors: pre-LN blocks, causal attention,
     GELU (tanh), final LayerNorm and the head tied to wte. idx: list of token ids -> (T, V)."""
     t = {k: v.astype(np.float64) for k, v in t.items()}
     T, C = len(idx), N_EMBD
-    D = C // N_HEAD
+    D = C // n_head
 
     def layernorm(x, g, b):
         mu = x.mean(-1, keepdims=True)
@@ -197,7 +220,7 @@ def reference_gpt2_logits(t, idx):
         qkv = h @ t[p + "attn.c_attn.weight"] + t[p + "attn.c_attn.bias"]
         q, k, v = qkv[:, :C], qkv[:, C:2 * C], qkv[:, 2 * C:]
         y = np.zeros((T, C))
-        for head in range(N_HEAD):
+        for head in range(n_head):
             s = slice(head * D, (head + 1) * D)
             for query in range(T):
                 scores = np.array([q[query, s] @ k[key, s] / math.sqrt(D) for key in range(query + 1)])
@@ -217,15 +240,7 @@ CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_
 @pytest.mark.parametrize("prefix,buffers", [("", False), ("transformer.", True)], ids=["plain", "hf_prefix_and_mask_buffers"])
 def test_gpt2_weights_load_one_to_one_from_safetensors(tmp_path, prefix, buffers):
     src = gpt2_tensors()
-    on_disk = {prefix + k: v for k, v in src.items()}
-    if buffers:  # HF checkpoints carry the causal-mask buffers, which are not parameters
-        for i in range(N_LAYER):
-            on_disk[f"{prefix}h.{i}.attn.bias"] = np.tril(np.ones((1, 1, BLOCK, BLOCK), np.float32))
-            on_disk[f"{prefix}h.{i}.attn.masked_bias"] = np.array([-1e4], np.float32)
-    path = tmp_path / "model.safetensors"
-    write_safetensors(path, on_disk)
-
-    model = GPT.from_pretrained(str(path))
+    model = GPT.from_pretrained(save_pretrained(tmp_path / "gpt2", src, prefix=prefix, buffers=buffers))
     c = model.config
     assert (c.vocab_size, c.block_size, c.n_layer, c.n_head, c.n_embd) == (V, BLOCK, N_LAYER, N_HEAD, N_EMBD)
     checked = set()
@@ -239,44 +254,106 @@ def test_gpt2_weights_load_one_to_one_from_safetensors(tmp_path, prefix, buffers
     assert np.array_equal(model.lm_head.weight.detach().numpy(), src["wte.weight"])
 
 
-def test_loaded_gpt2_logits_match_float64_reference_forward(tmp_path):
+@pytest.mark.parametrize("target", ["folder", "model.safetensors"])
+def test_save_pretrained_gpt2_logits_match_float64_reference_with_config_head_count(tmp_path, target):
     src = gpt2_tensors(seed=1)
-    path = tmp_path / "model.safetensors"
-    write_safetensors(path, src)
-    model = GPT.from_pretrained(str(path)).eval()
+    folder = save_pretrained(tmp_path / "gpt2", src)
+    model = GPT.from_pretrained(folder if target == "folder" else folder + "/model.safetensors").eval()
     idx = [int(i) for i in np.random.default_rng(2).integers(0, V, size=BLOCK)]
     expected = reference_gpt2_logits(src, idx)
     assert np.abs(expected).max() > 1.0  # logits large enough that the comparison means something
+    guessed = reference_gpt2_logits(src, idx, n_head=max(1, N_EMBD // 64))  # GPT-2's 64-wide heads: 1 here
+    assert np.abs(guessed - expected).max() > 1.0  # so a guessed head count fails this test
     with torch.no_grad():
         logits = model(torch.tensor([idx]))[0].double().numpy()
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("config", [hf_config(activation_function="gelu_pytorch_tanh"), hf_config(n_inner=4 * N_EMBD),
+                                    hf_config(reorder_and_upcast_attn=True), HUB_STYLE_CONFIG],
+                         ids=["gelu_pytorch_tanh", "explicit_n_inner", "reorder_and_upcast_attn", "hub_style"])
+def test_config_of_the_same_computation_loads(tmp_path, config):
+    assert GPT.from_pretrained(save_pretrained(tmp_path / "gpt2", gpt2_tensors(), config)).config.n_head == N_HEAD
+
+
+@pytest.mark.parametrize("field,value", [
+    ("layer_norm_epsilon", 1e-6), ("activation_function", "gelu"), ("activation_function", "relu"),
+    ("n_inner", 2 * N_EMBD), ("scale_attn_by_inverse_layer_idx", True), ("scale_attn_weights", False),
+    ("add_cross_attention", True), ("tie_word_embeddings", False), ("model_type", "gpt_neo"),
+])
+def test_config_this_gpt_computes_differently_is_refused_naming_the_field(tmp_path, field, value):
+    folder = save_pretrained(tmp_path / "gpt2", gpt2_tensors(), hf_config(**{field: value}))
+    with pytest.raises(ValueError) as error:
+        GPT.from_pretrained(folder)
+    message = str(error.value)
+    assert f"{field} is {json.dumps(value)}" in message and "only represents standard GPT-2" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("n_head", [5, 0, None])
+def test_config_head_count_that_does_not_split_n_embd_is_refused(tmp_path, n_head):
+    folder = save_pretrained(tmp_path / "gpt2", gpt2_tensors(), hf_config(n_head=n_head))
+    with pytest.raises(ValueError) as error:
+        GPT.from_pretrained(folder)
+    assert f"n_head is {json.dumps(n_head)}" in str(error.value)
+
+
+@pytest.mark.parametrize("field,value", [("n_embd", 64), ("n_layer", 3), ("n_positions", 1024), ("vocab_size", 50257)])
+def test_config_that_disagrees_with_the_weights_is_refused(tmp_path, field, value):
+    folder = save_pretrained(tmp_path / "gpt2", gpt2_tensors(), hf_config(**{field: value}))
+    with pytest.raises(ValueError) as error:
+        GPT.from_pretrained(folder)
+    assert f"{field} is {value} but the weights beside it have" in str(error.value)
+
+
+def test_config_json_that_is_not_json_is_refused_naming_it(tmp_path):
+    folder = save_pretrained(tmp_path / "gpt2", gpt2_tensors())
+    (tmp_path / "gpt2" / "config.json").write_text("n_head = 4\n")
+    with pytest.raises(ValueError, match="config.json is not a JSON config"):
+        GPT.from_pretrained(folder)
+
+
+def test_bare_safetensors_of_an_unpublished_size_is_refused_asking_for_config(tmp_path):
+    path = tmp_path / "model.safetensors"
+    write_safetensors(path, gpt2_tensors())
+    with pytest.raises(ValueError, match="not a published size.*head count is unknown.*config.json"):
+        GPT.from_pretrained(str(path))
+
+
+def test_published_size_loads_from_the_download_cache_without_config(tmp_path, monkeypatch):
+    monkeypatch.setitem(GPT2_SIZES, "gpt2-tiny", dict(n_layer=N_LAYER, n_head=N_HEAD, n_embd=N_EMBD))  # fits a test
+    monkeypatch.setenv("GPT2_CACHE_DIR", str(tmp_path))
+    (tmp_path / "gpt2-tiny").mkdir()
+    write_safetensors(tmp_path / "gpt2-tiny" / "model.safetensors", gpt2_tensors())  # cached before config.json was
+    assert GPT.from_pretrained("gpt2-tiny").config.n_head == N_HEAD
+
+
+def test_folder_without_model_safetensors_is_refused(tmp_path):
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps(hf_config()))
+    with pytest.raises(ValueError, match="holds no model.safetensors"):
+        GPT.from_pretrained(str(tmp_path / "gpt2"))
+
+
 def test_gpt2_tensor_of_wrong_shape_raises_value_error_naming_it(tmp_path):
     src = gpt2_tensors()
     src["h.1.mlp.c_fc.bias"] = src["h.1.mlp.c_fc.bias"][:100]
-    path = tmp_path / "model.safetensors"
-    write_safetensors(path, src)
     with pytest.raises(ValueError, match=r"h\.1\.mlp\.c_fc\.bias.*shape"):
-        GPT.from_pretrained(str(path))
+        GPT.from_pretrained(save_pretrained(tmp_path / "gpt2", src))
 
 
 def test_gpt2_conv1d_weight_stored_as_linear_raises_value_error(tmp_path):
     src = gpt2_tensors()
     src["h.0.attn.c_attn.weight"] = np.ascontiguousarray(src["h.0.attn.c_attn.weight"].T)  # (out, in)
-    path = tmp_path / "model.safetensors"
-    write_safetensors(path, src)
     with pytest.raises(ValueError, match=r"h\.0\.attn\.c_attn\.weight"):
-        GPT.from_pretrained(str(path))
+        GPT.from_pretrained(save_pretrained(tmp_path / "gpt2", src))
 
 
 def test_gpt2_file_missing_a_tensor_raises_value_error_naming_it(tmp_path):
     src = gpt2_tensors()
     del src["h.1.ln_2.bias"]
-    path = tmp_path / "model.safetensors"
-    write_safetensors(path, src)
     with pytest.raises(ValueError, match=r"h\.1\.ln_2\.bias"):
-        GPT.from_pretrained(str(path))
+        GPT.from_pretrained(save_pretrained(tmp_path / "gpt2", src))
 
 
 def gptj_like_tensors():

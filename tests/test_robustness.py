@@ -13,13 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-import common
 import dpo
 import reward
 import sample
 import sft
 import train
-from model import GPT, GPTConfig
+from checkpoint import load_checkpoint, load_model, read_jsonl, save_checkpoint
+from cli import UserError, parse_config
+from conftest import save_tiny_checkpoint, tiny_gpt
+from optim import apply_gradients
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,7 +33,7 @@ def sft_args(archive, out, extra=()):
 
 
 def final_loss(out):
-    rows = [json.loads(line) for line in open(os.path.join(out, "sft_log.jsonl"))]
+    rows = read_jsonl(os.path.join(out, "sft_log.jsonl"))
     return [r for r in rows if r["step"] == 12][-1]["loss"]
 
 
@@ -68,16 +70,8 @@ def test_same_seed_gives_identical_losses(tmp_path, tiny_imdb):
         cfg = sft.SFTConfig(out=str(tmp_path / run), n_layer=1, n_embd=32, n_head=2, block_size=32, batch_size=4,
                             max_steps=5, log_interval=1, eval_interval=5, eval_batches=1, device="cpu", dropout=0.1)
         sft.train_lm(cfg, stream, imdb["test"].tokens)
-        logs.append([json.loads(line)["loss"] for line in open(tmp_path / run / "sft_log.jsonl")])
+        logs.append([row["loss"] for row in read_jsonl(tmp_path / run / "sft_log.jsonl")])
     assert logs[0] == logs[1] and len(set(logs[0])) > 1
-
-
-def tiny_checkpoint(path, kind="sft", n_embd=16):
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=50257, block_size=32, n_layer=1, n_head=2, n_embd=n_embd))
-    common.save_checkpoint(str(path), {"kind": kind, "model": model.state_dict(), "step": 0, "config": {},
-                                       "model_config": dataclasses.asdict(model.config)})
-    return str(path)
 
 
 def digest(path):
@@ -85,27 +79,27 @@ def digest(path):
 
 
 def test_bad_checkpoints_are_refused_clearly(tmp_path):
-    good = tiny_checkpoint(tmp_path / "sft.pt")
+    good = save_tiny_checkpoint(tmp_path / "sft.pt")
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(open(good, "rb").read()[:2000])
     text = tmp_path / "notes.pt"
     text.write_text("not a checkpoint")
     for path, message in ((truncated, "not a readable checkpoint"), (text, "not a readable checkpoint"),
                           (tmp_path / "missing.pt", "checkpoint not found")):
-        with pytest.raises(common.UserError, match=message):
-            common.load_model(str(path))
-    with pytest.raises(common.UserError, match="holds a 'reward' checkpoint"):
-        common.load_model(tiny_checkpoint(tmp_path / "reward.pt", kind="reward"))
+        with pytest.raises(UserError, match=message):
+            load_model(str(path))
+    with pytest.raises(UserError, match="holds a 'reward' checkpoint"):
+        load_model(save_tiny_checkpoint(tmp_path / "reward.pt", kind="reward"))
     # a checkpoint of a different model size than the run in that folder
     out = tmp_path / "resume"
     cfg = dpo.DPOConfig(sft=good, pairs="unused", out=str(out), device="cpu")
     os.makedirs(out)
-    other = tiny_checkpoint(out / "dpo.pt", kind="dpo", n_embd=32)
+    other = save_tiny_checkpoint(out / "dpo.pt", tiny_gpt(n_embd=32), kind="dpo")
     wrong_size = torch.load(other, weights_only=True)
     wrong_size["config"] = dataclasses.asdict(cfg)
-    common.save_checkpoint(other, wrong_size)
+    save_checkpoint(other, wrong_size)
     before = digest(other)
-    with pytest.raises(common.UserError, match="does not fit this model"):
+    with pytest.raises(UserError, match="does not fit this model"):
         dpo.train_dpo(cfg, pairs=[dpo.PreferencePair([1, 2], [3], [4])])
     assert digest(other) == before  # the file is left as it was
 
@@ -120,8 +114,8 @@ def test_a_checkpoint_cannot_run_code(tmp_path):
 
     path = tmp_path / "evil.pt"
     torch.save({"model": {}, "model_config": {}, "payload": Exploit()}, path)
-    with pytest.raises(common.UserError, match="not a readable checkpoint"):
-        common.load_checkpoint(str(path))
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        load_checkpoint(str(path))
     assert not marker.exists()
 
 
@@ -135,7 +129,7 @@ def test_out_folder_of_another_run_is_refused_and_left_untouched(tmp_path, tiny_
     result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=tmp_path, capture_output=True,
                             text=True, env={**os.environ, "PYTHONPATH": ROOT})
     assert result.returncode == 2
-    assert "holds a run with a different config (n_embd: 96 vs 64)" in result.stderr
+    assert "config.json belongs to a run with a different config (n_embd: 96 vs 64)" in result.stderr
     assert "Traceback" not in result.stderr
     assert (out / "sft.pt").read_bytes() == b"earlier output"
     assert json.loads((out / "config.json").read_text())["n_embd"] == 96
@@ -146,10 +140,10 @@ def test_checkpoint_of_another_sft_run_in_out_is_refused_not_reused(tmp_path, ti
     skip its SFT stage on the strength of a finished checkpoint of a different run."""
     out = tmp_path / "run"
     sft_run = sft.SFTConfig(**{**sft.PRESETS["smoke"], "out": str(out)})  # block_size 64, 30 steps
-    ckpt = tiny_checkpoint(out / "sft.pt")
+    ckpt = save_tiny_checkpoint(out / "sft.pt")
     finished = torch.load(ckpt, weights_only=True)
     finished.update(config=dataclasses.asdict(sft_run), step=sft_run.max_steps)
-    common.save_checkpoint(ckpt, finished)
+    save_checkpoint(ckpt, finished)
     before = digest(ckpt)
     args = ["--preset", "smoke", "--data", tiny_imdb, "--no-data-verify", "--out", str(out), "--device", "cpu"]
     result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=tmp_path, capture_output=True,
@@ -166,6 +160,8 @@ def test_checkpoint_of_another_sft_run_in_out_is_refused_not_reused(tmp_path, ti
     (train.TrainConfig, train.PRESETS, ["--dpo-batch-size", "0"], "--dpo-batch-size must be positive"),
     (train.TrainConfig, train.PRESETS, ["--max-new-tokens", "-4"], "--max-new-tokens must be positive"),
     (train.TrainConfig, train.PRESETS, ["--stage", "ppo"], "--stage must be all or one of"),
+    (train.TrainConfig, train.PRESETS, ["--methods", "dpo,ppo"], "--methods must be all or a comma-separated list of"),
+    (train.TrainConfig, train.PRESETS, ["--methods", ","], "--methods must be all or a comma-separated list of"),
     (train.TrainConfig, train.PRESETS, ["--preset", "tpu"], "invalid choice: 'tpu'"),
     (train.TrainConfig, train.PRESETS, ["--preset", "gpu", "--n-prefixes", "4"], "Preferred-FT trains on windows"),
     (dpo.DPOConfig, None, ["--beta", "-0.1"], "--beta must be > 0"),
@@ -177,7 +173,7 @@ def test_checkpoint_of_another_sft_run_in_out_is_refused_not_reused(tmp_path, ti
 ])
 def test_out_of_range_flags_are_rejected_before_any_work(config_cls, presets, argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        common.parse_config(config_cls, argv, presets=presets, default_preset="cpu" if presets else None)
+        parse_config(config_cls, argv, presets=presets, default_preset="cpu" if presets else None)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -188,9 +184,30 @@ def test_non_finite_loss_stops_naming_the_step_and_leaves_weights_alone():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     before = [p.detach().clone() for p in model.parameters()]
 
-    def loss_fn(x):
-        return (model(x) * float("inf")).sum(), {}
-
+    loss = (model(torch.ones(2, 3)) * float("inf")).sum()
+    loss.backward()
     with pytest.raises(FloatingPointError, match="non-finite loss at step 41"):
-        common.optimizer_step(model, optimizer, [torch.ones(2, 3)], loss_fn, 0.1, 1.0, "cpu", step=41)
+        apply_gradients(model, optimizer, {"loss": loss.item()}, 0.1, 1.0, step=41)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_scripts_chain_through_their_default_paths(tmp_path, tiny_imdb):
+    """`python sft.py`, then sample.py, reward.py and dpo.py with no path flags: each finds what the
+    one before it wrote (the README's walk-through of the scripts)."""
+    env = {**os.environ, "IMDB_ARCHIVE": tiny_imdb, "PYTHONPATH": ROOT}
+
+    def script(name, *args):
+        result = subprocess.run([sys.executable, os.path.join(ROOT, name), *args], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout
+
+    script("sft.py", "--preset", "smoke", "--no-data-verify", "--max-steps", "2")
+    assert "--- sample 3" in script("sample.py")  # no flags at all: out/sft/sft.pt, 4 samples
+    script("reward.py", "--no-data-verify", "--max-steps", "2", "--batch-size", "4", "--test-reviews", "8")
+    assert (tmp_path / "out" / "reward" / "reward.pt").exists()
+    with open(tmp_path / "pairs.jsonl", "w") as f:
+        for i in range(4):
+            f.write(json.dumps({"prompt": f"Review {i}:", "chosen": " a delight.", "rejected": " a bore."}) + "\n")
+    script("dpo.py", "--pairs", "pairs.jsonl", "--max-steps", "2", "--batch-size", "2", "--micro-batch-size", "2")
+    assert "--- sample 0" in script("sample.py", "--ckpt", os.path.join("out", "dpo", "dpo.pt"), "--n", "1")

@@ -1,28 +1,14 @@
 """Sampling: greedy / top-k / nucleus draws against hand-computed supports and frequencies, batched
 generation against a brute-force greedy loop, and stopping at end-of-text."""
-import math
 
 import numpy as np
 import pytest
 import torch
 
 import sample
-from common import UserError
+from cli import UserError
+from conftest import sharp_gpt, tiny_gpt
 from data import EOT
-from model import GPT, GPTConfig
-
-
-def tiny_model(seed=0, vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=32):
-    """Weights scaled up so the logits are O(1) and greedy choices are not near ties."""
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) / math.sqrt(p.shape[-1]))
-    return model.eval()
 
 
 def draws(logits_row, n, **kwargs):
@@ -103,7 +89,7 @@ def brute_force_greedy(model, prompt, max_new_tokens):
 
 
 def test_batched_greedy_generation_of_mixed_length_prompts_matches_one_at_a_time():
-    model = tiny_model()
+    model = sharp_gpt()
     rng = np.random.default_rng(5)
     prompts = [rng.integers(0, 101, size=n).tolist() for n in (1, 7, 3, 12, 5)]
     batched = sample.generate(model, prompts, 10, temperature=0)
@@ -115,19 +101,19 @@ def test_batched_greedy_generation_of_mixed_length_prompts_matches_one_at_a_time
 
 
 def test_generation_can_fill_the_context_exactly():
-    model = tiny_model(block_size=16)
+    model = sharp_gpt(block_size=16)
     prompt = [3, 1, 4, 1, 5, 9]
     assert sample.generate(model, [prompt], 10, temperature=0) == [brute_force_greedy(model, prompt, 10)]
 
 
 def test_prompt_plus_new_tokens_beyond_the_context_raises_user_error():
-    model = tiny_model(block_size=16)
+    model = sharp_gpt(block_size=16)
     with pytest.raises(UserError, match="context of 16"):
         sample.generate(model, [[1] * 3, [2] * 10], 7, temperature=0)  # 10 + 7 > 16
 
 
 def test_empty_prompt_raises_user_error():
-    model = tiny_model()
+    model = sharp_gpt()
     with pytest.raises(UserError, match="empty prompt"):
         sample.generate(model, [[1, 2], []], 4, temperature=0)
 
@@ -135,8 +121,7 @@ def test_empty_prompt_raises_user_error():
 @pytest.fixture(scope="module")
 def gpt2_vocab_model():
     """A tiny-width model over GPT-2's full vocabulary, so end-of-text (50256) is a valid token."""
-    torch.manual_seed(0)
-    return GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=1, n_head=1, n_embd=8)).eval()
+    return tiny_gpt(block_size=64, n_head=1, n_embd=8).eval()
 
 
 def scripted_next_token(script):
@@ -177,8 +162,7 @@ def test_generation_stops_early_once_every_row_has_ended(monkeypatch, gpt2_vocab
 
 
 def test_model_that_always_predicts_end_of_text_gives_empty_completions():
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=32, vocab_size=50257, n_layer=1, n_head=1, n_embd=8)).eval()
+    model = tiny_gpt(n_head=1, n_embd=8).eval()
     with torch.no_grad():  # final LayerNorm outputs the constant vector e; only EOT's embedding points along e
         e = torch.zeros(8)
         e[0] = 1.0

@@ -1,6 +1,5 @@
 """SFT: the loss falls on a learnable token stream; a run interrupted after a checkpoint and resumed
 ends exactly where the uninterrupted run ends; bad checkpoints, configs and flags are user errors."""
-import json
 import math
 import os
 import subprocess
@@ -10,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-import common
 import sft
+from checkpoint import load_model, read_jsonl
+from cli import UserError, parse_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATTERN = np.array([5, 17, 3, 99, 42, 7], dtype=np.uint16)
@@ -27,8 +27,7 @@ def tiny_config(out, **overrides):
 
 
 def read_log(out, name="sft"):
-    with open(os.path.join(out, f"{name}_log.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    return read_jsonl(os.path.join(out, f"{name}_log.jsonl"))
 
 
 def float64_loss(model, tokens, length=16):
@@ -47,7 +46,7 @@ def test_sft_lowers_the_next_token_loss_from_uniform(tmp_path):
     log = read_log(tmp_path)
     assert [row["step"] for row in log] == list(range(1, 16))
     assert abs(log[0]["loss"] - math.log(50257)) < 0.1  # a fresh model is close to uniform over GPT-2's vocabulary
-    model = common.load_model(path).eval()
+    model = load_model(path).eval()
     final = float64_loss(model, STREAM)
     assert final < 3.0, f"loss only fell from {log[0]['loss']:.2f} to {final:.2f}"
     assert abs(log[-1]["val_loss"] - final) < 0.2  # the logged validation loss measures the same thing
@@ -67,25 +66,25 @@ class Interrupted(Exception):
 
 def test_resumed_run_ends_exactly_where_the_uninterrupted_run_ends(uninterrupted, tmp_path, monkeypatch, capsys):
     out = tmp_path
-    real_step = common.optimizer_step
+    real_step = sft.sft_step
 
-    def crash_at_step_3(*args):
-        if args[-1] == 3:  # after the step-3 checkpoint was written, before step 4 changes anything
+    def crash_at_step_3(model, optimizer, micro_batches, lr, grad_clip, step, forward=None):
+        if step == 3:  # after the step-3 checkpoint was written, before step 4 changes anything
             raise Interrupted
-        return real_step(*args)
+        return real_step(model, optimizer, micro_batches, lr, grad_clip, step, forward)
 
-    monkeypatch.setattr(common, "optimizer_step", crash_at_step_3)
+    monkeypatch.setattr(sft, "sft_step", crash_at_step_3)
     with pytest.raises(Interrupted):
         sft.train_lm(tiny_config(out, dropout=0.1), STREAM, STREAM)
     assert torch.load(out / "sft.pt", weights_only=True)["step"] == 3
 
     steps_run = []
 
-    def counting(*args):
-        steps_run.append(args[-1])
-        return real_step(*args)
+    def counting(model, optimizer, micro_batches, lr, grad_clip, step, forward=None):
+        steps_run.append(step)
+        return real_step(model, optimizer, micro_batches, lr, grad_clip, step, forward)
 
-    monkeypatch.setattr(common, "optimizer_step", counting)
+    monkeypatch.setattr(sft, "sft_step", counting)
     capsys.readouterr()
     sft.train_lm(tiny_config(out, dropout=0.1), STREAM, STREAM)
     assert steps_run == [3, 4, 5]  # resumed at step 3, not from scratch
@@ -111,7 +110,7 @@ def test_resumed_run_ends_exactly_where_the_uninterrupted_run_ends(uninterrupted
 @pytest.mark.parametrize("change", [dict(n_embd=32), dict(lr=1e-2), dict(max_steps=9)], ids=lambda c: next(iter(c)))
 def test_resuming_with_a_different_config_raises_user_error(uninterrupted, change):
     before = (uninterrupted / "sft.pt").read_bytes()
-    with pytest.raises(common.UserError, match=f"different config.*{next(iter(change))}"):
+    with pytest.raises(UserError, match=f"different config.*{next(iter(change))}"):
         sft.train_lm(tiny_config(uninterrupted, **change), STREAM, STREAM)
     assert (uninterrupted / "sft.pt").read_bytes() == before
 
@@ -133,7 +132,7 @@ def test_unreadable_checkpoint_raises_user_error_and_is_left_untouched(uninterru
     path = tmp_path / "sft.pt"
     path.write_bytes(bad)
     expected = "holds a 'dpo' checkpoint" if damage == "wrong_kind" else "not a readable checkpoint"
-    with pytest.raises(common.UserError, match=expected) as error:
+    with pytest.raises(UserError, match=expected) as error:
         sft.train_lm(tiny_config(tmp_path), STREAM, STREAM)
     assert str(path) in str(error.value)
     assert path.read_bytes() == bad
@@ -141,14 +140,14 @@ def test_unreadable_checkpoint_raises_user_error_and_is_left_untouched(uninterru
 
 
 def test_token_stream_shorter_than_one_window_raises_user_error(tmp_path):
-    with pytest.raises(common.UserError, match="training text holds 10 tokens"):
+    with pytest.raises(UserError, match="training text holds 10 tokens"):
         sft.train_lm(tiny_config(tmp_path), STREAM[:10], STREAM)
 
 
 # ---------------------------------------------------------------------------- flags and the command line
 def test_preset_then_flags_set_the_config():
-    cfg = common.parse_config(sft.SFTConfig, ["--preset", "smoke", "--lr", "0.01", "--no-compile", "--data", "x.tar.gz"],
-                              presets=sft.PRESETS)
+    cfg = parse_config(sft.SFTConfig, ["--preset", "smoke", "--lr", "0.01", "--no-compile", "--data", "x.tar.gz"],
+                       presets=sft.PRESETS)
     assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.batch_size, cfg.max_steps) == (2, 2, 64, 64, 8, 30)
     assert cfg.lr == 0.01 and cfg.compile is False and cfg.data == "x.tar.gz"
     assert cfg.weight_decay == 0.1  # neither preset nor flag: the dataclass default
@@ -164,7 +163,7 @@ def test_preset_then_flags_set_the_config():
 ])
 def test_invalid_flags_exit_with_an_argparse_error(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        common.parse_config(sft.SFTConfig, argv, presets=sft.PRESETS)
+        parse_config(sft.SFTConfig, argv, presets=sft.PRESETS)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 

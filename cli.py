@@ -1,0 +1,59 @@
+"""
+The command line of every script: flags generated from a config dataclass (with presets), and
+user errors printed as one line instead of a traceback.
+"""
+import argparse
+import dataclasses
+import sys
+
+
+class UserError(Exception):
+    """Bad input from the user (flags, files): printed as one line, exit code 2, no traceback."""
+
+
+def run_main(main):
+    """Call main(); turn user errors into a one-line message and a non-zero exit."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except FloatingPointError as e:  # a diverged run: say where and why, keep the last checkpoint
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def parse_config(config_cls, argv=None, presets=None, default_preset=None, description=None):
+    """argparse generated from a config dataclass: one --flag per field, defaults shown in --help.
+    A preset is a dict of overrides applied before the flags the user typed."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if presets:
+        parser.add_argument("--preset", choices=sorted(presets), default=default_preset,
+                            help="a named set of overrides (default: by device)")
+    for f in dataclasses.fields(config_cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        overrides = ", ".join(f"{name} {values[f.name]}" for name, values in sorted((presets or {}).items()) if f.name in values)
+        help_text = f.metadata.get("help", " ") + f" (default: {default}" + (f"; preset {overrides})" if overrides else ")")
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
+            if default is None:
+                kind = str
+            parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=help_text)
+    args = parser.parse_args(argv)
+    values = dict(presets[args.preset]) if presets and args.preset else {}
+    values.update({k: v for k, v in vars(args).items() if v is not None and k != "preset"})
+    config = config_cls(**values)
+    try:
+        config.validate()
+    except ValueError as e:
+        parser.error(str(e))
+    return config
+
+
+def check(condition, message):
+    """Config validation: raise ValueError(message) unless condition holds."""
+    if not condition:
+        raise ValueError(message)

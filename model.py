@@ -31,6 +31,18 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0  # DPO and sampling run with dropout off
 
+    def __post_init__(self):
+        """Refuse sizes no GPT has (a damaged checkpoint's model_config, say) with a one-line ValueError."""
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"GPTConfig {name} must be a positive int, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPTConfig n_embd {self.n_embd} does not split into {self.n_head} whole heads; "
+                             f"pick an n_head that divides n_embd")
+        if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0 <= self.dropout < 1:
+            raise ValueError(f"GPTConfig dropout must be a number in [0, 1), got {self.dropout!r}")
+
 
 class KVCache:
     """Keys and values of every layer for positions [0, length), preallocated to max_len."""
@@ -53,7 +65,6 @@ class KVCache:
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
-        assert config.n_embd % config.n_head == 0
         self.n_head = config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
@@ -289,27 +300,66 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.
 
 def read_safetensors(path):
     """The safetensors format: 8-byte little-endian header length, a JSON header
-    {name: {dtype, shape, data_offsets}}, then the raw little-endian tensor bytes."""
-    with open(path, "rb") as f:
-        raw = f.read()
+    {name: {dtype, shape, data_offsets}}, then the raw little-endian tensor bytes. The whole header is
+    checked before any tensor is read: a damaged file raises ValueError instead of loading wrong bytes."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ValueError(f"{path} cannot be read ({e.strerror}); pass a .safetensors file") from None
     if len(raw) < 8:
         raise ValueError(f"{path} is not a safetensors file (only {len(raw)} bytes)")
     (header_len,) = struct.unpack("<Q", raw[:8])
+    if header_len > len(raw) - 8:
+        raise ValueError(f"{path} is not a safetensors file or is truncated (header length {header_len} exceeds "
+                         f"the file's {len(raw)} bytes); download or save it again")
     try:
         header = json.loads(raw[8:8 + header_len])
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} is not a safetensors file (bad header: {e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a safetensors file (its header is a JSON {type(header).__name__}, "
+                         f"not an object); pass a .safetensors file")
     data = memoryview(raw)[8 + header_len:]
+    entries = {name: info for name, info in header.items() if name != "__metadata__"}
+    for name, info in entries.items():
+        check_safetensors_entry(path, name, info, len(data))
+    spans = sorted((*info["data_offsets"], name) for name, info in entries.items())
+    for (_, end, name), (begin, _, other) in zip(spans, spans[1:]):
+        if begin < end:  # else one tensor's bytes would load as another's
+            raise ValueError(f"{path}: tensors {name} and {other} share bytes (their data_offsets overlap); "
+                             f"the file is damaged: download or save it again")
     tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = info["data_offsets"]
-        if info["dtype"] not in SAFETENSORS_DTYPES or end > len(data):
-            raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']} or lies past the end of the file")
-        flat = torch.frombuffer(bytearray(data[begin:end]), dtype=SAFETENSORS_DTYPES[info["dtype"]])
+    for name, info in entries.items():
+        (begin, end), dtype = info["data_offsets"], SAFETENSORS_DTYPES[info["dtype"]]
+        flat = torch.frombuffer(bytearray(data[begin:end]), dtype=dtype) if end > begin else torch.empty(0, dtype=dtype)
         tensors[name] = flat.reshape(info["shape"]).float()
     return tensors
+
+
+def check_safetensors_entry(path, name, info, data_len):
+    """Raise ValueError unless header entry `name` has a known dtype, a shape of sizes, and data_offsets
+    [begin, end] inside the data_len data bytes that span exactly the shape's bytes."""
+    def is_size(n):
+        return isinstance(n, int) and not isinstance(n, bool) and n >= 0
+
+    fields = info if isinstance(info, dict) else {}
+    dtype, shape, offsets = fields.get("dtype"), fields.get("shape"), fields.get("data_offsets")
+    if not isinstance(info, dict):
+        problem = f"is {json.dumps(info)[:40]}, not an object"
+    elif not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        problem = f"has dtype {json.dumps(dtype)}, not one of {', '.join(SAFETENSORS_DTYPES)}"
+    elif not (isinstance(shape, list) and all(is_size(n) for n in shape)):
+        problem = f"has shape {json.dumps(shape)}, not a list of sizes"
+    elif not (isinstance(offsets, list) and len(offsets) == 2 and all(is_size(n) for n in offsets)
+              and offsets[0] <= offsets[1] <= data_len):
+        problem = f"has data_offsets {json.dumps(offsets)}, not [begin, end] within the {data_len} data bytes"
+    elif offsets[1] - offsets[0] != math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize:
+        problem = (f"has shape {shape} of {dtype}, {math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize} bytes, "
+                   f"but its data_offsets span {offsets[1] - offsets[0]} bytes")
+    else:
+        return
+    raise ValueError(f"{path}: tensor {name} {problem}; the file is damaged: download or save it again")
 
 
 def download_gpt2(name):

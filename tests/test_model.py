@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import sharp_gpt
-from model import GPT, GPT2_SIZES, KVCache
+from model import GPT, GPT2_SIZES, GPTConfig, KVCache, read_safetensors
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -147,17 +147,22 @@ def gpt2_tensors(seed=0):
 
 
 def write_safetensors(path, tensors):
-    """The format by hand: 8-byte little-endian header length, JSON header, raw little-endian bytes."""
+    """float32 arrays as safetensors, their bytes back to back."""
     header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
     for name, array in tensors.items():
         blob = np.ascontiguousarray(array, dtype="<f4").tobytes()
         header[name] = {"dtype": "F32", "shape": list(array.shape), "data_offsets": [offset, offset + len(blob)]}
         blobs.append(blob)
         offset += len(blob)
+    write_raw_safetensors(path, header, b"".join(blobs))
+
+
+def write_raw_safetensors(path, header, data):
+    """The format by hand: 8-byte little-endian header length, JSON header, raw little-endian bytes."""
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+        f.write(struct.pack("<Q", len(text)) + text + data)
 
 
 def hf_config(**changes):
@@ -383,3 +388,77 @@ def test_foreign_or_damaged_weight_file_raises_value_error_naming_the_file(tmp_p
         path.write_bytes(raw[:len(raw) // 2])
     with pytest.raises(ValueError, match="weights.safetensors"):
         GPT.from_pretrained(str(path))
+
+
+# ---------------------------------------------------------------------------- damaged safetensors headers
+def test_safetensors_loads_byte_exactly(tmp_path):
+    src = {**gpt2_tensors(), "scalar": np.array(-0.0, np.float32), "empty": np.zeros((0, 3), np.float32)}
+    write_safetensors(tmp_path / "w.safetensors", src)
+    loaded = read_safetensors(str(tmp_path / "w.safetensors"))
+    assert set(loaded) == set(src)
+    for name, array in src.items():
+        assert loaded[name].numpy().tobytes() == array.tobytes() and loaded[name].shape == array.shape, name
+
+
+TWO_FLOATS = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}  # tensor a; b takes the next 8 bytes
+
+
+@pytest.mark.parametrize("header,problem", [
+    ([1, 2], "its header is a JSON list, not an object"),
+    ({"a": [0, 8]}, "tensor a is [0, 8], not an object"),
+    ({"a": {**TWO_FLOATS, "dtype": "Q7"}}, 'tensor a has dtype "Q7"'),
+    ({"a": {**TWO_FLOATS, "dtype": ["F32"]}}, 'tensor a has dtype ["F32"]'),
+    ({"a": {**TWO_FLOATS, "shape": "2"}}, 'tensor a has shape "2", not a list of sizes'),
+    ({"a": {**TWO_FLOATS, "shape": [-2]}}, "tensor a has shape [-2], not a list of sizes"),
+    ({"a": {"dtype": "F32", "shape": [2]}}, "tensor a has data_offsets null"),
+    ({"a": {**TWO_FLOATS, "data_offsets": [-8, 8]}}, "tensor a has data_offsets [-8, 8]"),
+    ({"a": {**TWO_FLOATS, "data_offsets": [False, 8]}}, "tensor a has data_offsets [false, 8]"),
+    ({"a": {**TWO_FLOATS, "data_offsets": [8, 0]}}, "tensor a has data_offsets [8, 0]"),
+    ({"a": {**TWO_FLOATS, "data_offsets": [8, 16, 24]}}, "tensor a has data_offsets [8, 16, 24]"),
+    ({"a": {**TWO_FLOATS, "data_offsets": [8, 24]}}, "not [begin, end] within the 16 data bytes"),
+    ({"a": {**TWO_FLOATS, "shape": [4]}}, "tensor a has shape [4] of F32, 16 bytes, but its data_offsets span 8"),
+    ({"a": {**TWO_FLOATS, "shape": [1]}}, "tensor a has shape [1] of F32, 4 bytes, but its data_offsets span 8"),
+    ({"a": TWO_FLOATS, "b": {**TWO_FLOATS, "data_offsets": [4, 12]}}, "tensors a and b share bytes"),
+    ({"a": {**TWO_FLOATS, "shape": [4], "data_offsets": [0, 16]},
+      "b": {**TWO_FLOATS, "shape": [1], "data_offsets": [4, 8]}}, "tensors a and b share bytes"),
+], ids=["list_header", "entry_not_object", "unknown_dtype", "list_dtype", "string_shape", "negative_size",
+        "missing_offsets", "negative_begin", "bool_offset", "begin_after_end", "three_offsets", "end_past_data",
+        "shape_larger_than_bytes", "shape_smaller_than_bytes", "overlapping_offsets", "offsets_inside_another"])
+def test_damaged_safetensors_header_is_refused_naming_file_and_problem(tmp_path, header, problem):
+    path = tmp_path / "weights.safetensors"
+    write_raw_safetensors(path, header, np.arange(4, dtype="<f4").tobytes())  # 16 data bytes
+    with pytest.raises(ValueError) as error:
+        read_safetensors(str(path))
+    message = str(error.value)
+    assert str(path) in message and problem in message and "\n" not in message
+
+
+def test_header_length_past_the_end_of_the_file_is_refused(tmp_path):
+    path = tmp_path / "weights.safetensors"
+    path.write_bytes(struct.pack("<Q", 2 ** 63) + b"{}")  # read up to the end, the header would parse as empty
+    with pytest.raises(ValueError, match=r"weights\.safetensors .*header length 9223372036854775808 exceeds"):
+        read_safetensors(str(path))
+
+
+def test_directory_given_as_weight_file_is_refused_naming_it(tmp_path):
+    with pytest.raises(ValueError, match=f"{tmp_path} cannot be read"):
+        read_safetensors(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------- model config
+@pytest.mark.parametrize("field,value", [
+    ("n_layer", "2"), ("n_head", 0), ("n_embd", -32), ("vocab_size", True), ("block_size", 16.0),
+    ("n_layer", None), ("dropout", 1.0), ("dropout", -0.1), ("dropout", "0.1"), ("dropout", True),
+    ("dropout", float("nan")),
+])
+def test_model_config_of_wrong_type_or_range_is_refused_naming_the_field(field, value):
+    sizes = dict(vocab_size=V, block_size=BLOCK, n_layer=N_LAYER, n_head=N_HEAD, n_embd=N_EMBD)
+    with pytest.raises(ValueError) as error:
+        GPTConfig(**{**sizes, field: value})
+    message = str(error.value)
+    assert message.startswith(f"GPTConfig {field} must be") and repr(value) in message
+
+
+def test_model_config_whose_heads_do_not_split_n_embd_is_refused():
+    with pytest.raises(ValueError, match="n_embd 30 does not split into 4 whole heads"):
+        GPTConfig(n_embd=30, n_head=4)

@@ -10,6 +10,7 @@ numbers predict the real runs. FLOPs are counted explicitly; MFU where the GPU's
 """
 import copy
 import dataclasses
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import dpo
 import sample
 import sft
 from checkpoint import save_json
-from cli import check, parse_config, run_main
+from cli import UserError, check, parse_config, run_main
 from data import EOT
 from device import hardware_name, peak_flops, pick_device
 from model import GPT, GPTConfig
@@ -173,6 +174,18 @@ def bench_sample(cfg, device):
 
 
 # ---------------------------------------------------------------------------- the report
+def check_out_json(path):
+    """--out-json must be a file whose folder exists or can be made: checked before the benchmarks
+    run, not after."""
+    if os.path.isdir(path):
+        raise UserError(f"--out-json {path} is a folder; pass a file path such as {os.path.join(path, 'bench.json')}")
+    folder = os.path.dirname(path) or "."
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out-json {path}: cannot create the folder {folder} ({e.strerror}); pass another path") from None
+
+
 def print_table(rows):
     header = ("benchmark", "config (batch x length)", "throughput", "FLOPs/unit", "MFU")
     lines = [header] + [(r["benchmark"], r["config"], f"{r['throughput']:,.1f} {r['unit']}", f"{r['flops_per_unit']:.4g}",
@@ -185,6 +198,8 @@ def print_table(rows):
 def main(argv=None):
     cfg = parse_config(BenchConfig, argv, presets=PRESETS, default_preset="gpu" if torch.cuda.is_available() else "cpu",
                               description="Throughput and MFU of SFT, DPO and sampling on a random model.")
+    if cfg.out_json:
+        check_out_json(cfg.out_json)
     device = pick_device(cfg.device)
     peak = peak_flops(device)
     print(f"bench: N = {new_model(cfg, 'cpu').num_params():,} parameters, L={cfg.n_layer}, C={cfg.n_embd}, "

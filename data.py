@@ -8,6 +8,7 @@ after every review, so a second run starts in seconds.
 """
 import gzip
 import hashlib
+import json
 import os
 import sys
 import tarfile
@@ -37,7 +38,11 @@ class DataError(UserError):
 
 
 def get_encoding():
-    return tiktoken.get_encoding("r50k_base")  # exactly GPT-2's BPE
+    try:
+        return tiktoken.get_encoding("r50k_base")  # exactly GPT-2's BPE
+    except Exception as e:  # tiktoken downloads it once; offline, that is a network error
+        raise DataError(f"could not load the GPT-2 BPE ({type(e).__name__}); tiktoken downloads it once: go online, "
+                        f"or point TIKTOKEN_CACHE_DIR at a folder that holds it") from None
 
 
 def clean(text):
@@ -169,36 +174,56 @@ def _fingerprint(path):
 
 
 def load_imdb(path=None, cache_dir=os.path.join("data", "cache"), verify=True):
-    """{split: TokenizedSplit}, tokenized once and cached under cache_dir."""
+    """{split: TokenizedSplit}, tokenized once and cached under cache_dir. A damaged cache is
+    rebuilt from the archive, the source of truth."""
     path = find_archive(path)
     folder = os.path.join(cache_dir, f"imdb-{_fingerprint(path)}-{'full' if verify else 'any'}")
-    if not all(os.path.exists(os.path.join(folder, f"{s}.done")) for s in SPLITS):
-        t0 = time.time()
-        print(f"reading and tokenizing IMDb from {path} (once; cached in {folder})", file=sys.stderr)
-        reviews = read_reviews(path, verify=verify)
-        enc = get_encoding()
-        os.makedirs(folder, exist_ok=True)
-        for split, (texts, labels) in reviews.items():
-            ids = enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
-            lengths = np.array([len(x) + 1 for x in ids], dtype=np.int64)
-            offsets = np.concatenate([[0], np.cumsum(lengths)])
-            tokens = np.full(int(offsets[-1]), EOT, dtype=np.uint16)
-            for i, x in enumerate(ids):
-                tokens[offsets[i]:offsets[i + 1] - 1] = x
-            base = os.path.join(folder, split)
-            # each file appears whole (written aside, then renamed), so a killed run or a second
-            # process tokenizing at the same time (torchrun) never leaves a torn cache
-            atomic_write(base + ".bin", tokens.tofile)
-            atomic_write(base + ".offsets.npy", lambda f: np.save(f, offsets))
-            atomic_write(base + ".labels.npy", lambda f: np.save(f, labels))
-            atomic_write(base + ".done", lambda f: None)  # written last
-        print(f"tokenized IMDb in {time.time() - t0:.0f}s", file=sys.stderr)
-    out = {}
-    for split in SPLITS:
+    if all(os.path.exists(os.path.join(folder, f"{s}.json")) for s in SPLITS):
+        try:
+            return {s: _open_split(os.path.join(folder, s)) for s in SPLITS}
+        except (OSError, ValueError, EOFError) as e:  # json's and numpy's errors for torn files are ValueErrors
+            print(f"the token cache in {folder} is damaged ({e}); rebuilding it from {path}", file=sys.stderr)
+    _build_cache(path, folder, verify)
+    return {s: _open_split(os.path.join(folder, s)) for s in SPLITS}
+
+
+def _build_cache(path, folder, verify):
+    """Per split: <split>.bin (uint16 tokens), .offsets.npy, .labels.npy, and last <split>.json,
+    the sizes of the other three, by which _open_split finds a truncated file."""
+    t0 = time.time()
+    print(f"reading and tokenizing IMDb from {path} (once; cached in {folder})", file=sys.stderr)
+    reviews = read_reviews(path, verify=verify)
+    enc = get_encoding()
+    os.makedirs(folder, exist_ok=True)
+    for split, (texts, labels) in reviews.items():
+        ids = enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
+        lengths = np.array([len(x) + 1 for x in ids], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        tokens = np.full(int(offsets[-1]), EOT, dtype=np.uint16)
+        for i, x in enumerate(ids):
+            tokens[offsets[i]:offsets[i + 1] - 1] = x
         base = os.path.join(folder, split)
-        tokens = np.memmap(base + ".bin", dtype=np.uint16, mode="r") if os.path.getsize(base + ".bin") else np.zeros(0, np.uint16)
-        out[split] = TokenizedSplit(tokens, np.load(base + ".offsets.npy"), np.load(base + ".labels.npy"))
-    return out
+        # each file appears whole (written aside, then renamed), so a killed run or a second
+        # process tokenizing at the same time (torchrun) never leaves a torn cache
+        atomic_write(base + ".bin", tokens.tofile)
+        atomic_write(base + ".offsets.npy", lambda f: np.save(f, offsets))
+        atomic_write(base + ".labels.npy", lambda f: np.save(f, labels))
+        meta = {"bin_bytes": tokens.nbytes, "offsets": len(offsets), "reviews": len(labels)}
+        atomic_write(base + ".json", lambda f: f.write(json.dumps(meta).encode()))  # written last
+    print(f"tokenized IMDb in {time.time() - t0:.0f}s", file=sys.stderr)
+
+
+def _open_split(base):
+    """One split of the token cache, its files checked against their sizes in <split>.json: a file
+    truncated on disk (or torn metadata) raises ValueError instead of feeding training short data."""
+    with open(base + ".json", "rb") as f:
+        meta = json.load(f)
+    offsets, labels = np.load(base + ".offsets.npy"), np.load(base + ".labels.npy")
+    found = {"bin_bytes": os.path.getsize(base + ".bin"), "offsets": len(offsets), "reviews": len(labels)}
+    if meta != found:
+        raise ValueError(f"{os.path.basename(base)} files hold {found}, their metadata says {meta}")
+    tokens = np.memmap(base + ".bin", dtype=np.uint16, mode="r") if found["bin_bytes"] else np.zeros(0, np.uint16)
+    return TokenizedSplit(tokens, offsets, labels)
 
 
 def make_prefixes(split, n, seed, min_len=2, max_len=8):

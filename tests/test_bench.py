@@ -3,6 +3,7 @@ import json
 import pytest
 
 import bench
+from cli import UserError
 
 
 def test_bench_reports_every_benchmark_with_positive_throughput_and_flops(tmp_path):
@@ -23,3 +24,15 @@ def test_bench_reports_every_benchmark_with_positive_throughput_and_flops(tmp_pa
     # a live reference adds a forward pass, a third of the policy's forward + backward
     live, precomputed = rows["dpo, live reference"], rows["dpo, precomputed reference"]
     assert live["flops_per_unit"] == pytest.approx(4 / 3 * precomputed["flops_per_unit"])
+
+
+@pytest.mark.parametrize("kind", ["folder", "parent_is_a_file"])
+def test_an_out_json_that_cannot_be_written_is_refused_before_benchmarking(tmp_path, monkeypatch, kind):
+    def fail(*args, **kwargs):
+        raise AssertionError("benchmarked before checking --out-json")
+
+    monkeypatch.setattr(bench, "bench_sft", fail)
+    (tmp_path / "notes.txt").write_text("a file")
+    out = tmp_path if kind == "folder" else tmp_path / "notes.txt" / "bench.json"
+    with pytest.raises(UserError, match="--out-json"):
+        bench.main(["--preset", "smoke", "--device", "cpu", "--out-json", str(out)])

@@ -4,6 +4,10 @@ hold the model, the optimizer, the RNG state and the step, so a resumed run cont
 trajectory; they load with weights_only=True, so a checkpoint cannot run code.
 """
 import dataclasses
+import errno
+import functools
+import glob
+import hashlib
 import json
 import os
 import pickle
@@ -17,9 +21,12 @@ from model import GPT, GPTConfig
 
 # ---------------------------------------------------------------------------- files
 def atomic_write(path, write):
-    """write(file) into path.tmp in the same folder, fsync, then rename over path: a kill at any
-    moment leaves the old file or the new one, never a torn one."""
+    """write(file) into path.tmpPID in the same folder, fsync, then rename over path: a kill at any
+    moment leaves the old file or the new one, never a torn one. A temp file a killed write left
+    behind is removed by the next write of the same path."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    for stray in glob.glob(glob.escape(path) + ".tmp*"):
+        os.remove(stray)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -27,6 +34,8 @@ def atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except RuntimeError as e:  # torch.save's writer reports a full disk as "unexpected pos ..."
+        raise OSError(errno.ENOSPC, f"could not write it ({e}); is the disk full?", path) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -38,8 +47,13 @@ def save_json(path, obj):
 
 
 def read_json(path):
-    with open(path) as f:
-        return json.load(f)
+    """A JSON file this project wrote; a torn or foreign one is a one-line error naming it."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); it may be torn by a crash or edited by hand: "
+                        f"delete it to rebuild it (or restore it)") from None
 
 
 def write_jsonl(path, rows):
@@ -49,16 +63,33 @@ def write_jsonl(path, rows):
 
 
 def append_jsonl(path, row):
-    """One row at the end of a log (rank 0): logs grow line by line as a run goes."""
+    """One row at the end of a log (rank 0): logs grow line by line as a run goes. A torn last line
+    (a kill in the middle of an append) is cut off first, so it never fuses with the new row."""
     if is_main():
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        with open(path, "ab+") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size:
+                f.seek(max(0, size - 65536))
+                tail = f.read()
+                if not tail.endswith(b"\n"):
+                    f.truncate(size - len(tail) + tail.rfind(b"\n") + 1)  # rfind -1 -> the whole (one-line) tail
+            f.write((json.dumps(row) + "\n").encode())
 
 
 def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of a JSONL file. A torn last line (a kill in the middle of an append) is dropped:
+    the run rewrites that row when it continues. A bad line before the last is an error naming it."""
+    with open(path, "rb") as f:
+        lines = [line for line in f.read().split(b"\n") if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            if number < len(lines):
+                raise UserError(f"{path}:{number}: not a JSON row ({e}); delete the file to rebuild it") from None
+    return rows
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -93,9 +124,17 @@ def load_model(path, kinds=("sft", "dpo"), dropout=0.0):
     ckpt = load_checkpoint(path)
     if ckpt.get("kind") not in kinds:
         raise UserError(f"{path} holds a {ckpt.get('kind')!r} checkpoint; expected one of {', '.join(kinds)}")
-    model = GPT(GPTConfig(**{**ckpt["model_config"], "dropout": dropout}))
+    model = GPT(model_config(ckpt, path, dropout))
     load_state(model, ckpt["model"], path)
     return model
+
+
+def model_config(ckpt, path, dropout=0.0):
+    """The GPTConfig a checkpoint stores, checked: a junk one is a one-line error naming the file."""
+    try:
+        return GPTConfig(**{**ckpt["model_config"], "dropout": dropout})
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path} holds an unusable model_config ({e}); it is damaged or not from this project") from None
 
 
 def load_state(module, state, path):
@@ -106,11 +145,12 @@ def load_state(module, state, path):
         raise UserError(f"{path} does not fit this model (different size or architecture): {str(e)[:300]}") from None
 
 
-def training_checkpoint(kind, model, optimizer, cfg, step, **extra):
-    """What a checkpoint holds: enough to rebuild the model and continue the same trajectory."""
+def training_checkpoint(kind, model, optimizer, cfg, keys, step, **extra):
+    """What a checkpoint holds: enough to rebuild the model and continue the same trajectory, and
+    the identity of its run (the settings `keys` of cfg) that resume checks."""
     return {"kind": kind, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "model_config": dataclasses.asdict(model.config), "config": dataclasses.asdict(cfg),
-            "step": step, "rng": rng_state(), **extra}
+            "run": run_identity(cfg, keys), "step": step, "rng": rng_state(), **extra}
 
 
 # ---------------------------------------------------------------------------- resume
@@ -121,7 +161,7 @@ def resume(path, kind, cfg, keys, model, optimizer):
     if not os.path.exists(path):
         return 0, None
     ckpt = load_checkpoint(path, kind=kind)
-    check_same_run(path, ckpt["config"], cfg, keys)
+    check_same_run(path, ckpt.get("run", {}), run_identity(cfg, keys))
     load_state(model, ckpt["model"], path)
     optimizer.load_state_dict(ckpt["optimizer"])
     set_rng_state(ckpt["rng"])
@@ -129,13 +169,35 @@ def resume(path, kind, cfg, keys, model, optimizer):
     return ckpt["step"], ckpt
 
 
-def check_same_run(path, saved, cfg, keys):
-    """A file whose saved config (a dict) differs from cfg in any of `keys` belongs to another run:
-    refused, untouched."""
-    differs = [f"{k}: {saved.get(k)} vs {getattr(cfg, k)}" for k in keys if saved.get(k) != getattr(cfg, k)]
+def run_identity(cfg, keys):
+    """The settings `keys` of cfg that define a run. A setting that names a file (the SFT checkpoint
+    DPO starts from, the preference pairs) stands for the file's contents: a run folder that was
+    moved or copied, or named by another spelling of its path, is the same run; a file changed
+    under the same name is not."""
+    values = {k: getattr(cfg, k) for k in keys}
+    return {k: file_digest(v) if isinstance(v, str) and os.path.isfile(v) else v for k, v in values.items()}
+
+
+def file_digest(path):
+    st = os.stat(path)
+    return _digest(os.path.realpath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(path, size, mtime_ns):  # hashed once per version of the file (size and mtime in the key)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def check_same_run(path, saved, identity):
+    """A file whose saved run identity (a dict) differs from this run's is another run's: refused, untouched."""
+    differs = [f"{k}: {saved.get(k)} vs {v}" for k, v in identity.items() if saved.get(k) != v]
     if differs:
-        raise UserError(f"{path} belongs to a run with a different config ({', '.join(differs)}); "
-                        f"use another --out, or the same settings to continue that run")
+        raise UserError(f"{path} belongs to a run with different settings ({', '.join(differs)}); "
+                        f"use another --out, or the same settings (and input files) to continue that run")
 
 
 def rng_state():

@@ -4,6 +4,8 @@ user errors printed as one line instead of a traceback.
 """
 import argparse
 import dataclasses
+import math
+import os
 import sys
 
 
@@ -12,21 +14,36 @@ class UserError(Exception):
 
 
 def run_main(main):
-    """Call main(); turn user errors into a one-line message and a non-zero exit."""
+    """Call main(); turn user errors, file-system errors and Ctrl-C into one line and a non-zero exit."""
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # read-only folder, full disk, a file where a folder should be ...
+        where = f"{e.filename}: {e.strerror}; fix the path or free the disk" if e.filename else str(e)
+        print(f"error: {where}, then rerun the same command (finished work is kept)", file=sys.stderr)
+        sys.exit(2)
     except FloatingPointError as e:  # a diverged run: say where and why, keep the last checkpoint
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("\ninterrupted; rerun the same command to continue from the last checkpoint and the finished stages",
+              file=sys.stderr)
+        sys.exit(130)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, not the whole usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def parse_config(config_cls, argv=None, presets=None, default_preset=None, description=None):
     """argparse generated from a config dataclass: one --flag per field, defaults shown in --help.
     A preset is a dict of overrides applied before the flags the user typed."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     if presets:
         parser.add_argument("--preset", choices=sorted(presets), default=default_preset,
                             help="a named set of overrides (default: by device)")
@@ -47,10 +64,26 @@ def parse_config(config_cls, argv=None, presets=None, default_preset=None, descr
     values.update({k: v for k, v in vars(args).items() if v is not None and k != "preset"})
     config = config_cls(**values)
     try:
+        for name, value in values.items():
+            check(not isinstance(value, float) or math.isfinite(value), f"--{name.replace('_', '-')} must be finite, got {value}")
+        check(0 <= getattr(config, "seed", 0) < 2**32, f"--seed must be in [0, 2^32), got {getattr(config, 'seed', 0)}")
         config.validate()
+        if hasattr(config, "out"):
+            check_out_folder(config.out)
     except ValueError as e:
         parser.error(str(e))
     return config
+
+
+def check_out_folder(path):
+    """--out must be a folder this process can write (or create): said up front, before any work (ValueError)."""
+    existing = path
+    while not os.path.exists(existing):  # the nearest folder that exists must let us create the rest
+        existing = os.path.dirname(os.path.abspath(existing))
+    if not os.path.isdir(existing):
+        raise ValueError(f"--out {path}: {existing} is a file, not a folder; pass a folder path")
+    if not os.access(existing, os.W_OK):
+        raise ValueError(f"--out {path}: {existing} is not writable; pass a folder you can write to")
 
 
 def check(condition, message):

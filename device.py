@@ -9,20 +9,33 @@ prompts it samples, DistributedDataParallel averages the gradients, and only ran
 import contextlib
 import os
 import platform
+import re
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from cli import UserError
+from cli import UserError, check
 
 
 def pick_device(name="auto"):
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name} asked for, but no CUDA GPU is available; use --device cpu")
     return name
+
+
+def check_model_fits(n_layer, n_embd, block_size, vocab_size=50257):
+    """Refuse (ValueError), before anything is built, a model whose weights, gradients and AdamW
+    moments (16 bytes per parameter) exceed this machine's memory."""
+    params = 12 * n_layer * n_embd ** 2 + (vocab_size + block_size) * n_embd
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    check(16 * params <= have, f"a GPT with {n_layer} layers of width {n_embd} has {params / 1e9:.1f}B parameters and "
+                               f"needs about {16 * params / 2**30:.0f} GiB to train, more than this machine's "
+                               f"{have / 2**30:.0f} GiB; choose a smaller --n-layer or --n-embd")
 
 
 def autocast(device):

@@ -84,21 +84,25 @@ def read_pairs(path, max_length, skip_bad=False):
     """Preference JSONL: one {"prompt", "chosen", "rejected"} object a line (texts; optional
     "prompt_ids"/"chosen_ids"/"rejected_ids" give exact token ids and take precedence).
     Prompt and responses are tokenized separately and concatenated, so no BPE merge crosses the
-    boundary. A bad line stops with file:line and the problem, or is skipped and counted when skip_bad."""
-    if not os.path.exists(path):
-        raise UserError(f"preference file not found: {path}")
+    boundary. A bad line (not UTF-8 included) stops with file:line and the problem, or is skipped
+    and counted when skip_bad."""
+    try:
+        with open(path, "rb") as f:  # bytes: each line is decoded on its own, so a bad byte is a bad line
+            lines = f.readlines()
+    except OSError as e:  # missing, a folder, no permission
+        raise UserError(f"cannot read the preference file {path} ({e.strerror}); pass --pairs PATH of a JSONL "
+                        f"file, one {{\"prompt\", \"chosen\", \"rejected\"}} object a line") from None
     enc = get_encoding()
     pairs, skipped = [], []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                pairs.append(_parse_pair(line, enc, max_length))
-            except ValueError as e:
-                if not skip_bad:
-                    raise UserError(f"{path}:{line_no}: {e} (pass --skip-bad-lines to skip such lines)") from None
-                skipped.append(line_no)
+    for line_no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            pairs.append(_parse_pair(line, enc, max_length))
+        except ValueError as e:
+            if not skip_bad:
+                raise UserError(f"{path}:{line_no}: {e} (pass --skip-bad-lines to skip such lines)") from None
+            skipped.append(line_no)
     if skipped:
         print0(f"skipped {len(skipped)} bad lines of {path} (first: {skipped[:10]})")
     if not pairs:
@@ -107,8 +111,11 @@ def read_pairs(path, max_length, skip_bad=False):
 
 
 def _parse_pair(line, enc, max_length):
+    """One line (bytes) -> PreferencePair; ValueError saying what is wrong with it."""
     try:
-        record = json.loads(line)
+        record = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 text (byte {line[e.start]:#04x} at column {e.start + 1}); save the file as UTF-8") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"malformed JSON ({e.msg})") from None
     if not isinstance(record, dict):
@@ -297,7 +304,7 @@ def train_dpo(cfg, pairs=None, evaluate=None):
             progress.record({"step": step, **evaluate(step, policy)})
             policy.train()
         if step % cfg.save_interval == 0 or step == total:
-            save_checkpoint(ckpt_path, training_checkpoint("dpo", policy, optimizer, cfg, step))
+            save_checkpoint(ckpt_path, training_checkpoint("dpo", policy, optimizer, cfg, RESUME_FIELDS, step))
     return ckpt_path
 
 

@@ -15,11 +15,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import load_checkpoint, load_model, load_state, resume, save_checkpoint, training_checkpoint
+from checkpoint import load_checkpoint, load_model, load_state, model_config, resume, save_checkpoint, training_checkpoint
 from cli import UserError, check, parse_config, run_main
 from data import load_imdb
 from device import autocast, check_divisible, data_parallel, gather, local_slice, print0, setup_device
-from model import GPT, GPTConfig, left_pad
+from model import GPT, left_pad
 from optim import adamw, apply_gradients, batch_indices, seed_everything, warmup_cosine
 from progress import Progress
 
@@ -56,7 +56,7 @@ class RewardModel(nn.Module):
 
 def load_reward_model(path):
     ckpt = load_checkpoint(path, kind="reward")
-    model = RewardModel(GPTConfig(**{**ckpt["model_config"], "dropout": 0.0}))
+    model = RewardModel(model_config(ckpt, path))
     load_state(model, ckpt["model"], path)
     return model.eval().requires_grad_(False)
 
@@ -107,6 +107,8 @@ def train_reward(cfg, imdb):
     """Fine-tune the classifier on the labelled train split; returns (checkpoint path, test accuracy)."""
     device = setup_device(cfg.device)
     check_divisible(cfg.batch_size, "--batch-size")
+    if cfg.test_reviews > len(imdb["test"]):
+        raise UserError(f"--test-reviews {cfg.test_reviews} exceeds the {len(imdb['test'])} test reviews in the data")
     ckpt_path = os.path.join(cfg.out, "reward.pt")
     sft = load_model(cfg.sft, kinds=("sft",))
     if cfg.max_len > sft.config.block_size:
@@ -123,7 +125,7 @@ def train_reward(cfg, imdb):
     train_forward = data_parallel(model, device)  # under torchrun; the model itself otherwise
 
     def save(test_accuracy=None):
-        save_checkpoint(ckpt_path, training_checkpoint("reward", model, optimizer, cfg, step, test_accuracy=test_accuracy))
+        save_checkpoint(ckpt_path, training_checkpoint("reward", model, optimizer, cfg, RESUME_FIELDS, step, test_accuracy=test_accuracy))
 
     progress = Progress("reward", cfg.max_steps, os.path.join(cfg.out, "reward_log.jsonl"), unit="reviews", start_step=step)
     while step < cfg.max_steps:

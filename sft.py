@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from checkpoint import load_model, resume, save_checkpoint, training_checkpoint
 from cli import UserError, check, parse_config, run_main
 from data import load_imdb
-from device import autocast, check_divisible, data_parallel, local_slice, peak_flops, print0, setup_device
+from device import autocast, check_divisible, check_model_fits, data_parallel, local_slice, peak_flops, print0, setup_device
 from model import GPT, GPTConfig
 from optim import add_metrics, adamw, apply_gradients, seed_everything, warmup_cosine
 from progress import Progress
@@ -57,6 +57,8 @@ class SFTConfig:
                      "log_interval", "eval_interval", "eval_batches", "save_interval"):
             check(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         check(self.n_embd % self.n_head == 0, f"--n-embd {self.n_embd} must be divisible by --n-head {self.n_head}")
+        if self.init == "scratch":
+            check_model_fits(self.n_layer, self.n_embd, self.block_size)
         check(self.lr > 0 and 0 <= self.min_lr <= self.lr, f"need 0 <= --min-lr <= --lr and --lr > 0, got {self.min_lr}, {self.lr}")
         check(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
         check(self.warmup_steps >= 0 and self.grad_clip >= 0, "--warmup-steps and --grad-clip must be >= 0")
@@ -164,7 +166,7 @@ def train_lm(cfg, train_tokens, val_tokens):
                 shown["val_loss"] = validation_loss(model, val_tokens, cfg, device)
             progress.line(step, shown, peak_flops=peak, flops_per_unit=flops_per_token)
         if step % cfg.save_interval == 0 or step == cfg.max_steps:
-            save_checkpoint(ckpt_path, training_checkpoint("sft", model, optimizer, cfg, step))
+            save_checkpoint(ckpt_path, training_checkpoint("sft", model, optimizer, cfg, RESUME_FIELDS, step))
     return ckpt_path
 
 

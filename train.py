@@ -13,35 +13,38 @@ The methods (--methods picks some; each is one entry of METHODS in train.py):
   preferred_ft  SFT continued on the best completion of each prefix      -> OUT/preferred_ft/
   dpo           DPO for each beta, evaluated every eval_interval steps   -> OUT/dpo_beta<beta>/
 
-Each stage and each method run is skipped once its artifact is complete (a killed run continues
-where it stopped), --force redoes the ones that run, and --stage NAME runs one stage.
+OUT/settings.json records, for each stage and each method run, the settings its artifacts were
+made with. A stage or run already done with the current settings is skipped (a killed run continues
+where it stopped); one made with other settings is redone, and so is everything after it. --force
+redoes the ones that run, and --stage NAME runs one stage.
 
     python train.py                   # preset gpu when CUDA is present, else cpu
     python train.py --preset smoke    # seconds; numbers meaningless
     python train.py --stage methods --methods dpo --betas 0.1
 """
 import functools
+import hashlib
 import json
+import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import torch
 
-from checkpoint import (atomic_write, check_same_run, load_checkpoint, load_model, read_json, read_jsonl, save_json,
-                        write_jsonl)
+from checkpoint import atomic_write, load_model, read_json, read_jsonl, save_json, write_jsonl
 from cli import UserError, check, parse_config, run_main
 from data import EOT, get_encoding, load_imdb, make_prefixes
 from device import barrier, hardware_name, is_main, print0, setup_device
 from dpo import DPOConfig, train_dpo
 from evaluate import Evaluator, plot_frontier, shown_kl
 from pairs import best_completions, sample_and_label
-from reward import RESUME_FIELDS as REWARD_RUN_FIELDS, RewardConfig, load_reward_model, train_reward
+from reward import RewardConfig, load_reward_model, train_reward
 from sample import generate
-from sft import RESUME_FIELDS as SFT_RUN_FIELDS, SFTConfig, train_lm
+from sft import SFTConfig, train_lm
 
 
 class Run:
@@ -50,6 +53,18 @@ class Run:
 
     def __init__(self, cfg, imdb, device):
         self.cfg, self.imdb, self.device = cfg, imdb, device
+        # the prompts, made here so that a data set too small for the settings is refused before any work
+        self.train_prompts = self.prefixes("train", cfg.n_prefixes, cfg.seed, "--n-prefixes")
+        self.eval_prompts = self.prefixes("test", cfg.eval_prefixes, cfg.seed + 1, "--eval-prefixes")
+        if cfg.reward_test_reviews > len(imdb["test"]):
+            raise UserError(f"--reward-test-reviews {cfg.reward_test_reviews} exceeds the {len(imdb['test'])} test reviews")
+        self.records = read_json(self.path("settings.json")) if os.path.exists(self.path("settings.json")) else {}
+
+    def prefixes(self, split, n, seed, flag):
+        try:
+            return make_prefixes(self.imdb[split], n, seed=seed)
+        except ValueError as e:
+            raise UserError(f"{flag} {n} is too many for the data: {e} in the {split} split") from None
 
     def path(self, name):
         return os.path.join(self.cfg.out, name)
@@ -59,8 +74,16 @@ class Run:
         cfg = self.cfg
         return Evaluator(load_model(self.path("sft.pt")).to(self.device).eval(),
                          load_reward_model(self.path("reward.pt")).to(self.device),
-                         make_prefixes(self.imdb["test"], cfg.eval_prefixes, seed=cfg.seed + 1),
-                         cfg.max_new_tokens, cfg.sample_batch_size, cfg.seed)
+                         self.eval_prompts, cfg.max_new_tokens, cfg.sample_batch_size, cfg.seed)
+
+    @functools.cached_property
+    def data_id(self):
+        """The tokenized IMDb's contents, for the records: the same data under any path is the same run."""
+        h = hashlib.sha256()
+        for split in sorted(self.imdb):
+            for array in (self.imdb[split].tokens, self.imdb[split].offsets, self.imdb[split].labels):
+                h.update(np.ascontiguousarray(array).data)
+        return "sha256:" + h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------- stages
@@ -71,7 +94,6 @@ def sft_config(cfg):
                         warmup_steps=max(1, cfg.sft_steps // 20), log_interval=max(1, cfg.sft_steps // 20),
                         eval_interval=max(1, cfg.sft_steps // 4), save_interval=max(1, cfg.sft_steps // 4),
                         seed=cfg.seed, device=cfg.device, compile=cfg.compile)
-    sft_cfg.validate()
     return sft_cfg
 
 
@@ -87,7 +109,6 @@ def reward_config(cfg):
                               warmup_steps=max(1, cfg.reward_steps // 10), test_reviews=cfg.reward_test_reviews,
                               log_interval=max(1, cfg.reward_steps // 10), save_interval=max(1, cfg.reward_steps // 4),
                               seed=cfg.seed, device=cfg.device)
-    reward_cfg.validate()
     return reward_cfg
 
 
@@ -100,7 +121,7 @@ def run_pairs(run):
     cfg = run.cfg
     policy = load_model(run.path("sft.pt")).to(run.device).eval()
     reward_model = load_reward_model(run.path("reward.pt")).to(run.device)
-    prompts = make_prefixes(run.imdb["train"], cfg.n_prefixes, seed=cfg.seed)
+    prompts = run.train_prompts
     pairs, mean_reward, tokens_per_s = sample_and_label(policy, reward_model, prompts, cfg.completions_per_prefix,
                                                         cfg.max_new_tokens, cfg.sample_batch_size, cfg.seed)
     write_jsonl(run.path("pairs.jsonl"), pairs)
@@ -112,17 +133,16 @@ def run_pairs(run):
 
 
 def run_methods(run):
-    """Every run of every chosen method that is not done yet, each timed into stage_times.json."""
+    """Every run of every chosen method not done yet with these settings, each timed into stage_times.json."""
     for name in run.cfg.method_list():
         method = METHODS[name]
-        t0, result = time.time(), {}
         for folder, params in method.runs(run.cfg).items():
-            if os.path.exists(os.path.join(run.path(folder), "done")):
-                continue
-            result = method.run(run, run.path(folder), **params)
-            mark_done(os.path.join(run.path(folder), "done"))
-        record_time(run, name, time.time() - t0, result)
-    return None  # each method recorded its own time
+            t0 = time.time()
+            result = bring_up_to_date(run, folder, "methods", method_settings(run, name, params), [folder],
+                                      lambda: method.run(run, run.path(folder), **params))
+            if result is not None:
+                record_time(run, folder, time.time() - t0, result)
+    return None  # each run recorded its own time
 
 
 # ---------------------------------------------------------------------------- methods
@@ -138,28 +158,32 @@ def run_preferred_ft(run, folder):
     cfg = run.cfg
     sequences = best_completions(read_jsonl(run.path("pairs.jsonl")))
     stream = np.array([t for sequence in sequences for t in sequence + [EOT]], dtype=np.uint16)
-    pft_cfg = SFTConfig(out=folder, name="preferred_ft", init=run.path("sft.pt"), block_size=cfg.block_size,
-                        batch_size=cfg.sft_batch_size, max_steps=cfg.pft_steps, lr=cfg.pft_lr, min_lr=cfg.pft_lr,
-                        warmup_steps=1, log_interval=max(1, cfg.pft_steps // 5), eval_interval=cfg.pft_steps,
-                        eval_batches=2, save_interval=cfg.pft_steps, seed=cfg.seed, device=cfg.device, compile=False)
-    pft_path = train_lm(pft_cfg, stream, stream)
+    pft_path = train_lm(pft_config(cfg, folder), stream, stream)
     run.evaluator(load_model(pft_path).to(run.device), "Preferred-FT", None, cfg.pft_steps, os.path.join(folder, "eval.jsonl"))
     return throughput([os.path.join(folder, "preferred_ft_log.jsonl")], "tok_per_s", "preferred_ft_")
 
 
+def pft_config(cfg, folder):
+    return SFTConfig(out=folder, name="preferred_ft", init=os.path.join(cfg.out, "sft.pt"), block_size=cfg.block_size,
+                     batch_size=cfg.sft_batch_size, max_steps=cfg.pft_steps, lr=cfg.pft_lr, min_lr=cfg.pft_lr,
+                     warmup_steps=1, log_interval=max(1, cfg.pft_steps // 5), eval_interval=cfg.pft_steps,
+                     eval_batches=2, save_interval=cfg.pft_steps, seed=cfg.seed, device=cfg.device, compile=False)
+
+
 def run_dpo(run, folder, beta):
     """DPO (dpo.py) at one beta, evaluated at step 0, every eval_interval steps and at the end."""
-    cfg = run.cfg
-    dpo_cfg = DPOConfig(sft=run.path("sft.pt"), pairs=run.path("pairs.jsonl"), out=folder, beta=beta,
-                        batch_size=cfg.dpo_batch_size, micro_batch_size=cfg.dpo_micro_batch_size,
-                        optimizer=cfg.dpo_optimizer, lr=cfg.dpo_lr, warmup_steps=cfg.dpo_warmup_steps,
-                        max_steps=cfg.dpo_steps, append_eot=False, precompute_ref=cfg.precompute_ref,
-                        log_interval=max(1, cfg.eval_interval // 5), eval_interval=cfg.eval_interval,
-                        save_interval=cfg.eval_interval, seed=cfg.seed, device=cfg.device)
-    dpo_cfg.validate()
     log = os.path.join(folder, "eval.jsonl")
-    train_dpo(dpo_cfg, evaluate=lambda step, policy: run.evaluator(policy, "DPO", beta, step, log)[0])
+    train_dpo(dpo_config(run.cfg, folder, beta), evaluate=lambda step, policy: run.evaluator(policy, "DPO", beta, step, log)[0])
     return throughput([os.path.join(folder, "dpo_log.jsonl")], "pairs_per_s", "dpo_")
+
+
+def dpo_config(cfg, folder, beta):
+    return DPOConfig(sft=os.path.join(cfg.out, "sft.pt"), pairs=os.path.join(cfg.out, "pairs.jsonl"), out=folder, beta=beta,
+                     batch_size=cfg.dpo_batch_size, micro_batch_size=cfg.dpo_micro_batch_size,
+                     optimizer=cfg.dpo_optimizer, lr=cfg.dpo_lr, warmup_steps=cfg.dpo_warmup_steps,
+                     max_steps=cfg.dpo_steps, append_eot=False, precompute_ref=cfg.precompute_ref,
+                     log_interval=max(1, cfg.eval_interval // 5), eval_interval=cfg.eval_interval,
+                     save_interval=cfg.eval_interval, seed=cfg.seed, device=cfg.device)
 
 
 # ---------------------------------------------------------------------------- report
@@ -170,14 +194,13 @@ def read_rows(jsonl):
 
 def run_report(run):
     cfg = run.cfg
+    summary = json.dumps(read_stage_times(run), indent=1)
     rows = []
     for name in cfg.method_list():
-        for folder in METHODS[name].runs(cfg):
-            log = os.path.join(run.path(folder), "eval.jsonl")
-            if os.path.exists(log):
-                rows += sorted(read_rows(log), key=lambda r: r["step"])
-    if not rows:
-        raise UserError(f"no evaluation results in {cfg.out}; run the methods stage first")
+        for folder, params in METHODS[name].runs(cfg).items():
+            if not is_done(run, folder, method_settings(run, name, params)):
+                raise UserError(f"{run.path(folder)} is not done with these settings; run --stage methods first")
+            rows += sorted(read_rows(os.path.join(run.path(folder), "eval.jsonl")), key=lambda r: r["step"])
     write_jsonl(run.path("results.jsonl"), rows)
     plot_frontier(rows, run.path("frontier.png"))
     final = {}
@@ -206,7 +229,6 @@ def run_report(run):
         lines += [f"[{s:.2f}] {enc.decode(p)}|{enc.decode(c)}".replace("\n", "\\n") for p, c, s in zip(prompts, completions, scores)]
     samples = "\n".join(lines)
     print(samples)
-    summary = json.dumps(read_stage_times(run), indent=1)
     atomic_write(run.path("report.md"), lambda f: f.write(
         f"# Results\n\n{table_text}\n\nstage summary: {summary}\n\n"
         f"# Samples\n\n[reward] prefix|completion\n```\n{samples}\n```\n".encode()))
@@ -243,32 +265,39 @@ def throughput(log_paths, key, prefix):
 @dataclass
 class Stage:
     run: Callable  # run(run) -> numbers for stage_times.json
-    artifacts: Callable  # artifacts(cfg) -> what it writes under OUT; --force removes them first
-    done: Callable  # done(cfg) -> whether its artifacts are complete, so the stage is skipped
+    artifacts: list  # what it writes under OUT (--force, or changed settings, remove them first); None: not recorded
+    fields: tuple  # the TrainConfig fields its artifacts depend on, besides those of the stages before it
 
 
 @dataclass
 class Method:
     run: Callable  # run(run, folder, **params) -> numbers for stage_times.json; evaluations go to folder/eval.jsonl
-    runs: Callable  # runs(cfg) -> {folder under OUT: params}, one per setting (DPO: one per beta); done = folder/done
+    runs: Callable  # runs(cfg) -> {folder under OUT: params}, one per setting (DPO: one per beta)
+    fields: tuple  # the TrainConfig fields its runs depend on, besides those of the stages before it
 
 
 STAGES = {
-    "sft": Stage(run_sft, lambda cfg: ["sft.pt", "sft_log.jsonl"],
-                 lambda cfg: finished_checkpoint(cfg, "sft.pt", "sft", sft_config(cfg), SFT_RUN_FIELDS)),
-    "reward": Stage(run_reward, lambda cfg: ["reward.pt", "reward_log.jsonl"],
-                    lambda cfg: finished_checkpoint(cfg, "reward.pt", "reward", reward_config(cfg), REWARD_RUN_FIELDS)),
-    "pairs": Stage(run_pairs, lambda cfg: ["pairs.jsonl"], lambda cfg: os.path.exists(os.path.join(cfg.out, "pairs.jsonl"))),
-    "methods": Stage(run_methods, lambda cfg: [f for m in cfg.method_list() for f in METHODS[m].runs(cfg)],
-                     lambda cfg: all(os.path.exists(os.path.join(cfg.out, f, "done")) for m in cfg.method_list() for f in METHODS[m].runs(cfg))),
-    "report": Stage(run_report, lambda cfg: [], lambda cfg: False),  # cheap: always redone, its files replaced whole
+    "sft": Stage(run_sft, ["sft.pt", "sft_log.jsonl"],
+                 ("seed", "init", "n_layer", "n_head", "n_embd", "block_size", "sft_steps", "sft_batch_size",
+                  "sft_grad_accum", "sft_lr")),
+    "reward": Stage(run_reward, ["reward.pt", "reward_log.jsonl"],
+                    ("reward_steps", "reward_batch_size", "reward_lr", "reward_max_len", "reward_test_reviews")),
+    "pairs": Stage(run_pairs, ["pairs.jsonl"],
+                   ("n_prefixes", "completions_per_prefix", "max_new_tokens", "sample_batch_size")),
+    "methods": Stage(run_methods, None, ("eval_prefixes",)),  # None: each run of each method is recorded on its own
+    "report": Stage(run_report, None, ()),  # None: cheap, so always redone, its files replaced whole
 }
 
 METHODS = {
-    "sft_point": Method(run_sft_point, lambda cfg: {"sft_point": {}}),
-    "preferred_ft": Method(run_preferred_ft, lambda cfg: {"preferred_ft": {}} if cfg.pft_steps else {}),
-    "dpo": Method(run_dpo, lambda cfg: {f"dpo_beta{beta:g}": {"beta": beta} for beta in cfg.beta_list()}),
+    "sft_point": Method(run_sft_point, lambda cfg: {"sft_point": {}}, ()),
+    "preferred_ft": Method(run_preferred_ft, lambda cfg: {"preferred_ft": {}} if cfg.pft_steps else {},
+                           ("pft_steps", "pft_lr")),
+    "dpo": Method(run_dpo, lambda cfg: {f"dpo_beta{beta:g}": {"beta": beta} for beta in cfg.beta_list()},
+                  ("dpo_steps", "dpo_batch_size", "dpo_micro_batch_size", "dpo_optimizer", "dpo_lr", "dpo_warmup_steps",
+                   "precompute_ref", "eval_interval")),
 }
+# TrainConfig fields no artifact depends on: where and how the run goes, not what it computes
+NOT_RECORDED = ("out", "stage", "methods", "force", "data", "data_verify", "device", "compile", "betas")
 
 
 # ---------------------------------------------------------------------------- the experiment's settings
@@ -329,9 +358,13 @@ class TrainConfig:
                      "reward_steps", "reward_batch_size", "reward_max_len", "n_prefixes", "max_new_tokens",
                      "sample_batch_size", "dpo_batch_size", "dpo_micro_batch_size", "eval_interval", "eval_prefixes"):
             check(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        check(self.dpo_batch_size % self.dpo_micro_batch_size == 0,
+              f"--dpo-batch-size {self.dpo_batch_size} must be a multiple of --dpo-micro-batch-size {self.dpo_micro_batch_size}")
         check(self.completions_per_prefix >= 2, f"--completions-per-prefix must be at least 2, got {self.completions_per_prefix}")
         check(self.dpo_steps >= 0 and self.pft_steps >= 0 and self.reward_test_reviews >= 0, "step counts must be >= 0")
         check(self.sft_lr > 0 and self.reward_lr > 0 and self.dpo_lr > 0 and self.pft_lr > 0, "learning rates must be > 0")
+        check(self.init != "scratch" or self.reward_max_len <= self.block_size,
+              f"--reward-max-len {self.reward_max_len} exceeds the model's context --block-size {self.block_size}")
         check(8 + self.max_new_tokens <= self.block_size,
               f"an 8-token prefix plus --max-new-tokens {self.max_new_tokens} exceeds --block-size {self.block_size}")
         shortest_pft_text = self.n_prefixes * (2 + self.max_new_tokens + 1)  # best completions: prefix + sample + EOT
@@ -342,7 +375,12 @@ class TrainConfig:
             betas = self.beta_list()
         except ValueError:
             raise ValueError(f"--betas must be comma-separated numbers, got {self.betas!r}") from None
-        check(betas and all(b > 0 for b in betas), f"every beta must be > 0, got {self.betas!r}")
+        check(betas and all(math.isfinite(b) and b > 0 for b in betas), f"every beta must be finite and > 0, got {self.betas!r}")
+        check(len({f"{b:g}" for b in betas}) == len(betas), f"--betas names the same beta twice: {self.betas!r}")
+        # each stage's own checks, now: a bad setting stops the run before anything is written or removed
+        for stage_cfg in [sft_config(self), reward_config(self), *(dpo_config(self, "", b) for b in betas),
+                          *([pft_config(self, "")] if self.pft_steps else [])]:
+            stage_cfg.validate()
 
     def beta_list(self):
         return [float(b) for b in self.betas.split(",") if b.strip()]
@@ -353,7 +391,7 @@ class TrainConfig:
 
 PRESETS = {
     "smoke": dict(n_layer=2, n_head=2, n_embd=64, block_size=48, sft_steps=20, sft_batch_size=8, reward_steps=20,
-                  reward_batch_size=16, reward_max_len=48, reward_test_reviews=64, n_prefixes=16, max_new_tokens=12,
+                  reward_batch_size=16, reward_max_len=48, reward_test_reviews=32, n_prefixes=16, max_new_tokens=12,
                   betas="0.1,1", dpo_steps=6, dpo_batch_size=8, dpo_micro_batch_size=4, dpo_lr=1e-4,
                   dpo_warmup_steps=2, pft_steps=4, eval_interval=3, eval_prefixes=8),
     "cpu": dict(),  # the defaults above: about 12 minutes on a 2-core CPU
@@ -365,61 +403,89 @@ PRESETS = {
 }
 
 
-# ---------------------------------------------------------------------------- the run folder
-def finished_checkpoint(cfg, name, kind, stage_cfg, run_fields):
-    """Whether OUT/name holds the finished run of stage_cfg. A checkpoint of another run (for example
-    one `python sft.py` left in the same folder with its own settings) is refused, not reused."""
-    ckpt_path = os.path.join(cfg.out, name)
-    if not os.path.exists(ckpt_path):
-        return False
-    ckpt = load_checkpoint(ckpt_path, kind=kind)  # the same checks as the trainers' resume
-    check_same_run(ckpt_path, ckpt["config"], stage_cfg, run_fields)
-    return ckpt["step"] >= stage_cfg.max_steps
+# ---------------------------------------------------------------------------- the run folder: what made each artifact
+def stage_settings(run, name):
+    """The settings a stage's artifacts are made with: the data, its own fields and those of every stage before it."""
+    order = list(STAGES)
+    settings = {"data": run.data_id}
+    for stage in order[:order.index(name) + 1]:
+        settings.update({f: getattr(run.cfg, f) for f in STAGES[stage].fields})
+    return settings
 
 
-def mark_done(marker):
-    if is_main():
-        open(marker, "w").close()
-    barrier()
+def method_settings(run, name, params):
+    return {**stage_settings(run, "methods"), **{f: getattr(run.cfg, f) for f in METHODS[name].fields}, **params}
+
+
+def is_done(run, name, settings):
+    record = run.records.get(name)
+    return record is not None and record["done"] and record["settings"] == settings
+
+
+def bring_up_to_date(run, name, stage, settings, artifacts, work):
+    """work() -> its result, unless OUT/settings.json records `name` as done with these settings (then
+    None). Before the work: artifacts made with other settings (or any, under --force) are removed, and
+    so is everything made after this stage, from its old artifacts. The record is written before the
+    work, so a killed run continues it, and marked done after."""
+    cfg, record = run.cfg, run.records.get(name)
+    if is_done(run, name, settings) and not cfg.force:
+        print0(f"=== {name}: done already with these settings (in {cfg.out}; --force redoes it)")
+        return None
+    print0(f"=== {name}")
+    if record and record["settings"] != settings:
+        changed = [f"{k} {record['settings'].get(k)} -> {v}" for k, v in settings.items() if record["settings"].get(k) != v]
+        print0(f"{name} was made with other settings ({', '.join(changed)}): redoing it")
+    if cfg.force or (record and record["settings"] != settings):
+        remove(cfg, artifacts)
+    later = list(STAGES)[list(STAGES).index(stage) + 1:]
+    made_from_old = [other for other, other_record in run.records.items() if other_record["stage"] in later]
+    if made_from_old:
+        print0(f"removing {', '.join(made_from_old)}: made from the {name} being redone, they are redone after it")
+    for other in made_from_old:
+        remove(cfg, run.records.pop(other)["artifacts"])
+    run.records[name] = {"stage": stage, "settings": settings, "artifacts": artifacts, "done": False}
+    save_json(run.path("settings.json"), run.records)
+    result = work()
+    run.records[name]["done"] = True
+    save_json(run.path("settings.json"), run.records)
+    return result
+
+
+def require_done(run, stages):
+    """Running one stage alone: the stages before it must be done with these settings."""
+    for stage in stages:
+        if STAGES[stage].artifacts is not None and not is_done(run, stage, stage_settings(run, stage)):
+            raise UserError(f"{run.cfg.out} holds no {stage} stage done with these settings; "
+                            f"run --stage {stage} (or --stage all) first")
 
 
 def remove(cfg, names):
-    """--force: remove these artifacts under OUT so their stage runs again."""
+    """Remove these artifacts under OUT (rank 0), so their stage or method runs again."""
     for name in names:
         p = os.path.join(cfg.out, name)
-        if os.path.isdir(p):
+        if is_main() and os.path.isdir(p):
             shutil.rmtree(p)
-        elif os.path.exists(p):
+        elif is_main() and os.path.exists(p):
             os.remove(p)
-
-
-def check_run_folder(cfg):
-    """An --out folder that holds another experiment's artifacts is refused instead of mixed."""
-    saved = os.path.join(cfg.out, "config.json")
-    keys = ("init", "n_layer", "n_head", "n_embd", "block_size", "sft_steps", "reward_steps", "n_prefixes",
-            "completions_per_prefix", "max_new_tokens", "seed")
-    if os.path.exists(saved):
-        check_same_run(saved, read_json(saved), cfg, keys)
-    save_json(saved, asdict(cfg))
+    barrier()
 
 
 def main():
     cfg = parse_config(TrainConfig, presets=PRESETS, default_preset="gpu" if torch.cuda.is_available() else "cpu",
                        description=__doc__)
     device = setup_device(cfg.device)
-    check_run_folder(cfg)
     run = Run(cfg, load_imdb(cfg.data, verify=cfg.data_verify), device)
+    if cfg.stage != "all":
+        require_done(run, list(STAGES)[:list(STAGES).index(cfg.stage)])
     for name, stage in STAGES.items():
         if cfg.stage not in ("all", name):
             continue
-        if cfg.force:
-            remove(cfg, stage.artifacts(cfg))
-        elif stage.done(cfg):
-            print0(f"=== {name}: done already (artifact in {cfg.out}; --force redoes it)")
-            continue
-        print0(f"=== {name}")
         t0 = time.time()
-        result = stage.run(run)
+        if stage.artifacts is None:
+            print0(f"=== {name}")
+            result = stage.run(run)
+        else:
+            result = bring_up_to_date(run, name, name, stage_settings(run, name), stage.artifacts, lambda: stage.run(run))
         barrier()
         if result is not None:
             record_time(run, name, time.time() - t0, result)

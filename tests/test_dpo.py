@@ -252,6 +252,31 @@ def test_skip_bad_returns_only_the_good_pairs(tmp_path):
         (enc.encode_ordinary(g["prompt"]), enc.encode_ordinary(g["chosen"]), enc.encode_ordinary(g["rejected"])) for g in goods]
 
 
+def test_a_line_that_is_not_utf8_is_a_bad_line(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    latin1 = json.dumps({"prompt": "Caf\u00e9", "chosen": " good", "rejected": " bad"}, ensure_ascii=False).encode("latin-1")
+    path.write_bytes(b"\n".join([json.dumps(GOOD).encode(), latin1, json.dumps(GOOD).encode()]) + b"\n")
+    with pytest.raises(UserError) as info:
+        dpo.read_pairs(str(path), max_length=32)
+    message = str(info.value)
+    assert f"{path}:2:" in message and "utf-8" in message.lower(), message
+    assert len(dpo.read_pairs(str(path), max_length=32, skip_bad=True)) == 2
+
+
+@pytest.mark.parametrize("kind", ["folder", "missing", "unreadable"])
+def test_a_path_that_is_not_a_readable_file_raises_user_error_naming_it(tmp_path, kind):
+    path = tmp_path / "pairs.jsonl"
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "unreadable":
+        if os.geteuid() == 0:
+            pytest.skip("root reads any file")
+        write_jsonl(path, [GOOD])
+        path.chmod(0)
+    with pytest.raises(UserError, match=str(path)):
+        dpo.read_pairs(str(path), max_length=32)
+
+
 # ---------------------------------------------------------------------------- 3. at initialisation
 def test_loss_is_ln2_when_policy_equals_reference():
     policy = tiny_gpt()

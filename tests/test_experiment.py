@@ -1,6 +1,7 @@
 """The IMDb experiment: the KL estimator, the pair builder, the reward model, and the whole
 pipeline (smoke preset) including a kill between stages."""
 import copy
+import dataclasses
 import itertools
 import json
 import math
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 import evaluate
+import train
 from checkpoint import load_state, read_jsonl
 from conftest import save_tiny_checkpoint, tiny_gpt
 from data import EOT, TokenizedSplit
@@ -179,8 +181,8 @@ def test_smoke_pipeline_writes_results_and_resumes_after_a_kill(tmp_path, tiny_i
     assert len(pairs) == 6 * 16
     assert all(p["chosen_reward"] >= p["rejected_reward"] for p in pairs)
     times = json.load(open(out / "stage_times.json"))
-    assert {"sft", "reward", "sft_point", "preferred_ft", "dpo", "report"} <= set(times)  # pairs' time may die with the kill
-    assert times["sft"]["sft_tok_per_s"] > 0 and times["dpo"]["dpo_pairs_per_s"] > 0
+    assert {"sft", "reward", "sft_point", "preferred_ft", "dpo_beta0.1", "dpo_beta1", "report"} <= set(times)  # pairs' time may die with the kill
+    assert times["sft"]["sft_tok_per_s"] > 0 and times["dpo_beta0.1"]["dpo_pairs_per_s"] > 0
     assert times["preferred_ft"]["preferred_ft_tok_per_s"] > 0
     assert times["reward"]["reward_reviews_per_s"] > 0 and 0 <= times["reward"]["reward_test_accuracy"] <= 1
     samples = (out / "report.md").read_text().split("```\n")[1]  # the fenced block: the same prefixes before and after DPO
@@ -191,11 +193,22 @@ def test_smoke_pipeline_writes_results_and_resumes_after_a_kill(tmp_path, tiny_i
     assert len(prefixes(before)) == 5 and prefixes(before) == prefixes(after)
 
     # --methods picks methods: --force redoes only the chosen one, and the report shows only the chosen ones
-    dpo_done = (out / "dpo_beta0.1" / "done").stat().st_mtime_ns
+    dpo_done = (out / "dpo_beta0.1" / "dpo.pt").stat().st_mtime_ns
     code, log = run_train(args + ["--stage", "methods", "--methods", "sft_point", "--force"], tmp_path)
     assert code == 0, log[-3000:]
     assert "eval SFT beta=None step 0" in log and "eval DPO" not in log
-    assert (out / "dpo_beta0.1" / "done").stat().st_mtime_ns == dpo_done
+    assert (out / "dpo_beta0.1" / "dpo.pt").stat().st_mtime_ns == dpo_done
     code, log = run_train(args + ["--stage", "report", "--methods", "dpo"], tmp_path)
     assert code == 0, log[-3000:]
     assert {row["method"] for row in read_jsonl(out / "results.jsonl")} == {"DPO"}
+
+
+def test_every_setting_is_recorded_by_the_stages_and_methods_it_affects_or_named_as_affecting_none():
+    """A TrainConfig field missing from every stage's and method's `fields` would let a changed setting
+    reuse results it did not make: each field is recorded somewhere or listed in NOT_RECORDED."""
+    recorded = [f for stage in train.STAGES.values() for f in stage.fields]
+    recorded += [f for method in train.METHODS.values() for f in method.fields]
+    fields = {f.name for f in dataclasses.fields(train.TrainConfig)}
+    assert len(recorded) == len(set(recorded)), "a field recorded by two stages"
+    assert fields == set(recorded) | set(train.NOT_RECORDED)
+    assert not set(recorded) & set(train.NOT_RECORDED)

@@ -1,9 +1,11 @@
 """Trustworthy runs: a SIGKILL mid-run resumes on the same trajectory, bad input is refused
 clearly without touching earlier outputs, and the same seed gives the same run."""
 import dataclasses
+import errno
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,8 +20,8 @@ import reward
 import sample
 import sft
 import train
-from checkpoint import load_checkpoint, load_model, read_jsonl, save_checkpoint
-from cli import UserError, parse_config
+from checkpoint import append_jsonl, atomic_write, load_checkpoint, load_model, read_jsonl, run_identity, save_checkpoint
+from cli import UserError, parse_config, run_main
 from conftest import save_tiny_checkpoint, tiny_gpt
 from optim import apply_gradients
 
@@ -96,7 +98,7 @@ def test_bad_checkpoints_are_refused_clearly(tmp_path):
     os.makedirs(out)
     other = save_tiny_checkpoint(out / "dpo.pt", tiny_gpt(n_embd=32), kind="dpo")
     wrong_size = torch.load(other, weights_only=True)
-    wrong_size["config"] = dataclasses.asdict(cfg)
+    wrong_size["run"] = run_identity(cfg, dpo.RESUME_FIELDS)
     save_checkpoint(other, wrong_size)
     before = digest(other)
     with pytest.raises(UserError, match="does not fit this model"):
@@ -119,22 +121,6 @@ def test_a_checkpoint_cannot_run_code(tmp_path):
     assert not marker.exists()
 
 
-def test_out_folder_of_another_run_is_refused_and_left_untouched(tmp_path, tiny_imdb):
-    out = tmp_path / "run"
-    args = ["--preset", "smoke", "--data", tiny_imdb, "--no-data-verify", "--out", str(out), "--device", "cpu"]
-    os.makedirs(out)
-    other = train.TrainConfig(**{**train.PRESETS["smoke"], "n_embd": 96})
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(other)))
-    (out / "sft.pt").write_bytes(b"earlier output")
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=tmp_path, capture_output=True,
-                            text=True, env={**os.environ, "PYTHONPATH": ROOT})
-    assert result.returncode == 2
-    assert "config.json belongs to a run with a different config (n_embd: 96 vs 64)" in result.stderr
-    assert "Traceback" not in result.stderr
-    assert (out / "sft.pt").read_bytes() == b"earlier output"
-    assert json.loads((out / "config.json").read_text())["n_embd"] == 96
-
-
 def test_checkpoint_of_another_sft_run_in_out_is_refused_not_reused(tmp_path, tiny_imdb):
     """`python sft.py` (its own settings) then `python train.py` in the same folder: train.py must not
     skip its SFT stage on the strength of a finished checkpoint of a different run."""
@@ -142,20 +128,20 @@ def test_checkpoint_of_another_sft_run_in_out_is_refused_not_reused(tmp_path, ti
     sft_run = sft.SFTConfig(**{**sft.PRESETS["smoke"], "out": str(out)})  # block_size 64, 30 steps
     ckpt = save_tiny_checkpoint(out / "sft.pt")
     finished = torch.load(ckpt, weights_only=True)
-    finished.update(config=dataclasses.asdict(sft_run), step=sft_run.max_steps)
+    finished.update(config=dataclasses.asdict(sft_run), run=run_identity(sft_run, sft.RESUME_FIELDS), step=sft_run.max_steps)
     save_checkpoint(ckpt, finished)
     before = digest(ckpt)
     args = ["--preset", "smoke", "--data", tiny_imdb, "--no-data-verify", "--out", str(out), "--device", "cpu"]
     result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=tmp_path, capture_output=True,
                             text=True, env={**os.environ, "PYTHONPATH": ROOT})
     assert result.returncode == 2, result.stdout[-2000:]
-    assert "sft.pt belongs to a run with a different config" in result.stderr and "block_size: 64 vs 48" in result.stderr
+    assert "sft.pt belongs to a run with different settings" in result.stderr and "block_size: 64 vs 48" in result.stderr
     assert "Traceback" not in result.stderr and "done already" not in result.stdout
     assert digest(ckpt) == before
 
 
 @pytest.mark.parametrize("config_cls, presets, argv, message", [
-    (train.TrainConfig, train.PRESETS, ["--betas", "0.1,0"], "every beta must be > 0"),
+    (train.TrainConfig, train.PRESETS, ["--betas", "0.1,0"], "every beta must be finite and > 0"),
     (train.TrainConfig, train.PRESETS, ["--betas", "a,b"], "comma-separated numbers"),
     (train.TrainConfig, train.PRESETS, ["--dpo-batch-size", "0"], "--dpo-batch-size must be positive"),
     (train.TrainConfig, train.PRESETS, ["--max-new-tokens", "-4"], "--max-new-tokens must be positive"),
@@ -211,3 +197,206 @@ def test_scripts_chain_through_their_default_paths(tmp_path, tiny_imdb):
             f.write(json.dumps({"prompt": f"Review {i}:", "chosen": " a delight.", "rejected": " a bore."}) + "\n")
     script("dpo.py", "--pairs", "pairs.jsonl", "--max-steps", "2", "--batch-size", "2", "--micro-batch-size", "2")
     assert "--- sample 0" in script("sample.py", "--ckpt", os.path.join("out", "dpo", "dpo.pt"), "--n", "1")
+
+
+# ---------------------------------------------------------------------------- the contract for bad input
+# Bad input -> exit code 2, one line on stderr, no traceback, and every earlier output byte-identical.
+# Checked against a finished (very short) smoke run of train.py.
+SHORT = ["--preset", "smoke", "--no-data-verify", "--device", "cpu", "--sft-steps", "4", "--reward-steps", "4",
+         "--dpo-steps", "2", "--pft-steps", "2", "--betas", "0.1", "--eval-interval", "2"]
+
+
+def train_py(args, cwd, **kwargs):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": ROOT}, timeout=600, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_imdb):
+    """A finished short smoke run: (its folder, the arguments that made it)."""
+    out = tmp_path_factory.mktemp("contract") / "run"
+    args = SHORT + ["--data", tiny_imdb, "--out", str(out)]
+    result = train_py(args, out.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, args
+
+
+def snapshot(folder):
+    return {os.path.relpath(os.path.join(root, f), folder): digest(os.path.join(root, f))
+            for root, _, files in os.walk(folder) for f in files}
+
+
+def assert_one_line_error(result, message):
+    assert result.returncode == 2, (result.stdout[-2000:], result.stderr[-2000:])
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert message in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--n-head", "3"], "--n-embd 64 must be divisible by --n-head 3"),
+    (["--seed", "-1"], "--seed must be in [0, 2^32)"),
+    (["--stage", "methods", "--force", "--dpo-micro-batch-size", "3"], "must be a multiple of --dpo-micro-batch-size 3"),
+    (["--eval-prefixes", "100000"], "--eval-prefixes 100000 is too many for the data"),
+    (["--n-prefixes", "100000"], "--n-prefixes 100000 is too many for the data"),
+    (["--reward-test-reviews", "100000"], "--reward-test-reviews 100000 exceeds the 40 test reviews"),
+    (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N"),
+    (["--n-embd", "1048576"], "more than this machine's"),
+    (["--betas", "inf"], "every beta must be finite"),
+    (["--dpo-lr", "nan"], "--dpo-lr must be finite"),
+    (["--betas", "0.1,0.1"], "names the same beta twice"),
+    (["--reward-max-len", "100"], "exceeds the model's context"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--stage", "report", "--dpo-steps", "12"], "dpo_beta0.1 is not done with these settings; run --stage methods"),
+    (["--stage", "pairs", "--sft-steps", "5"], "holds no sft stage done with these settings; run --stage sft"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bad_flags_are_one_line_and_leave_the_run_untouched(finished_run, extra, message):
+    out, args = finished_run
+    before = snapshot(out)
+    assert_one_line_error(train_py(args + extra, out.parent), message)
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("damage, message", [
+    (("settings.json", b""), "settings.json is not valid JSON"),
+    (("stage_times.json", b'{"sft": {"seco'), "stage_times.json is not valid JSON"),
+    (("sft_point/eval.jsonl", b'{"method": "SFT"\n{"method": "SFT", "beta": null}\n'), "eval.jsonl:1: not a JSON row"),
+])
+def test_a_broken_run_file_is_one_line_naming_it(finished_run, damage, message):
+    out, args = finished_run
+    name, content = damage
+    good = (out / name).read_bytes()
+    (out / name).write_bytes(content)
+    try:
+        before = snapshot(out)
+        assert_one_line_error(train_py(args, out.parent), message)
+        assert snapshot(out) == before
+    finally:
+        (out / name).write_bytes(good)
+
+
+def test_out_that_is_a_file_or_under_a_file_is_refused(finished_run):
+    out, args = finished_run
+    for bad in (out / "sft.pt", out / "sft.pt" / "run"):
+        before = snapshot(out)
+        assert_one_line_error(train_py(args + ["--out", str(bad)], out.parent), "is a file, not a folder")
+        assert snapshot(out) == before
+
+
+def test_the_same_run_under_another_spelling_or_moved_continues(finished_run, tmp_path):
+    out, args = finished_run
+    result = train_py(args + ["--out", f"./{out.name}/"], out.parent)  # relative, with ./ and a trailing slash
+    assert result.returncode == 0, result.stderr[-2000:]
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    result = train_py(args + ["--out", str(moved)], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in ("sft", "reward", "pairs", "sft_point", "preferred_ft", "dpo_beta0.1"):
+        assert f"=== {name}: done already with these settings" in result.stdout
+    assert read_jsonl(moved / "results.jsonl") == read_jsonl(out / "results.jsonl")
+
+
+def test_a_changed_setting_redoes_exactly_what_depends_on_it(finished_run, tmp_path):
+    """--dpo-lr changed: DPO and the report are redone with the new numbers; nothing else runs. The
+    record of what made each artifact follows."""
+    out, args = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    args = args + ["--out", str(run)]
+    old_dpo = [r for r in read_jsonl(run / "results.jsonl") if r["method"] == "DPO" and r["step"] == 2]
+    result = train_py(args + ["--dpo-lr", "0.01"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in ("sft", "reward", "pairs", "sft_point", "preferred_ft"):
+        assert f"=== {name}: done already with these settings" in result.stdout
+    assert "dpo_beta0.1 was made with other settings (dpo_lr 0.0001 -> 0.01): redoing it" in result.stdout
+    new_dpo = [r for r in read_jsonl(run / "results.jsonl") if r["method"] == "DPO" and r["step"] == 2]
+    assert len(new_dpo) == 1 and new_dpo[0]["kl"] != old_dpo[0]["kl"]
+    assert json.loads((run / "settings.json").read_text())["dpo_beta0.1"]["settings"]["dpo_lr"] == 0.01
+    # an upstream change (the pairs) redoes the pairs and every method after them
+    result = train_py(args + ["--dpo-lr", "0.01", "--n-prefixes", "12"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "=== sft: done already" in result.stdout and "=== reward: done already" in result.stdout
+    assert "pairs was made with other settings (n_prefixes 16 -> 12)" in result.stdout
+    assert "done already" not in result.stdout.split("=== pairs")[1]
+    assert len(read_jsonl(run / "pairs.jsonl")) == 6 * 12
+
+
+def test_ctrl_c_stops_with_one_line_saying_how_to_continue(tmp_path, tiny_imdb):
+    proc = subprocess.Popen([sys.executable] + sft_args(tiny_imdb, tmp_path / "run", ["--max-steps", "100000"]),
+                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,  # a shell's background job ignores SIGINT: undo that
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 300
+    while not (tmp_path / "run" / "sft.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == ("interrupted; rerun the same command to continue from the last checkpoint "
+                                            "and the finished stages")
+
+
+def test_a_full_disk_during_a_checkpoint_write_is_an_os_error_naming_the_file_and_keeps_the_old_one(tmp_path):
+    path = tmp_path / "sft.pt"
+    path.write_bytes(b"the previous checkpoint")
+
+    def write(f):  # what torch.save's writer raises when the disk fills up
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file "
+                           "data/3: file write failed (unexpected pos 26159808 vs 26159696)")
+    with pytest.raises(OSError) as info:
+        atomic_write(str(path), write)
+    assert info.value.filename == str(path) and "is the disk full?" in info.value.strerror
+    assert path.read_bytes() == b"the previous checkpoint"
+    assert os.listdir(tmp_path) == ["sft.pt"]  # no temp file left behind
+
+
+def test_run_main_prints_file_system_errors_as_one_line(capsys):
+    def main():
+        raise OSError(errno.EROFS, "Read-only file system", "out/sft.pt")
+    with pytest.raises(SystemExit) as info:
+        run_main(main)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: out/sft.pt: Read-only file system;") and err.count("\n") == 1
+
+
+def test_a_temp_file_left_by_a_killed_write_is_removed_by_the_next_write(tmp_path):
+    (tmp_path / "pairs.jsonl.tmp4242").write_bytes(b"x" * 1000)  # pid 4242 was killed mid-write
+    atomic_write(str(tmp_path / "pairs.jsonl"), lambda f: f.write(b"{}\n"))
+    assert sorted(os.listdir(tmp_path)) == ["pairs.jsonl"]
+
+
+def test_a_torn_last_log_line_is_dropped_and_never_fuses_with_the_next_row(tmp_path):
+    log = tmp_path / "eval.jsonl"
+    append_jsonl(str(log), {"step": 0})
+    with open(log, "ab") as f:
+        f.write(b'{"step": 3, "rew')  # killed in the middle of an append
+    assert read_jsonl(str(log)) == [{"step": 0}]
+    append_jsonl(str(log), {"step": 3})
+    assert read_jsonl(str(log)) == [{"step": 0}, {"step": 3}]
+
+
+@pytest.mark.parametrize("junk", [{"n_layer": "two"}, {"n_head": 3}, {"bogus": 1}, {"n_embd": -8}], ids=str)
+def test_a_checkpoint_with_a_junk_model_config_is_refused_naming_it(tmp_path, junk):
+    path = save_tiny_checkpoint(tmp_path / "sft.pt")
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["model_config"].update(junk)
+    save_checkpoint(path, ckpt)
+    with pytest.raises(UserError, match="sft.pt holds an unusable model_config"):
+        load_model(path)
+
+
+def test_dpo_refuses_to_resume_after_the_pairs_file_changed(tmp_path):
+    sft_path = save_tiny_checkpoint(tmp_path / "sft.pt", tiny_gpt(seed=0))
+    pairs = tmp_path / "pairs.jsonl"
+    row = {"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4], "prompt": "a", "chosen": "b", "rejected": "c"}
+    pairs.write_text(json.dumps(row) + "\n")
+    cfg = dpo.DPOConfig(sft=sft_path, pairs=str(pairs), out=str(tmp_path / "dpo"), batch_size=1, micro_batch_size=1,
+                        max_steps=2, save_interval=1, max_length=16, device="cpu")
+    dpo.train_dpo(cfg)
+    pairs.write_text(json.dumps({**row, "chosen_ids": [5]}) + "\n")  # the same path, other pairs
+    with pytest.raises(UserError, match="belongs to a run with different settings.*pairs: sha256:"):
+        dpo.train_dpo(dataclasses.replace(cfg, max_steps=3))

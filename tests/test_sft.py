@@ -110,7 +110,7 @@ def test_resumed_run_ends_exactly_where_the_uninterrupted_run_ends(uninterrupted
 @pytest.mark.parametrize("change", [dict(n_embd=32), dict(lr=1e-2), dict(max_steps=9)], ids=lambda c: next(iter(c)))
 def test_resuming_with_a_different_config_raises_user_error(uninterrupted, change):
     before = (uninterrupted / "sft.pt").read_bytes()
-    with pytest.raises(UserError, match=f"different config.*{next(iter(change))}"):
+    with pytest.raises(UserError, match=f"different settings.*{next(iter(change))}"):
         sft.train_lm(tiny_config(uninterrupted, **change), STREAM, STREAM)
     assert (uninterrupted / "sft.pt").read_bytes() == before
 

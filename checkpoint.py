@@ -3,6 +3,7 @@ Files that survive a kill: every artifact is written aside and renamed into plac
 hold the model, the optimizer, the RNG state and the step, so a resumed run continues the same
 trajectory; they load with weights_only=True, so a checkpoint cannot run code.
 """
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -23,10 +24,14 @@ from model import GPT, GPTConfig
 def atomic_write(path, write):
     """write(file) into path.tmpPID in the same folder, fsync, then rename over path: a kill at any
     moment leaves the old file or the new one, never a torn one. A temp file a killed write left
-    behind is removed by the next write of the same path."""
+    behind is removed by the next write of the same path; one whose writer still runs (torchrun
+    ranks tokenizing the same cache at once) is left to it."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     for stray in glob.glob(glob.escape(path) + ".tmp*"):
-        os.remove(stray)
+        pid = stray[len(path) + len(".tmp"):]
+        if pid.isdigit() and not process_alive(int(pid)):
+            with contextlib.suppress(FileNotFoundError):  # another process may clean it up first
+                os.remove(stray)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -39,6 +44,16 @@ def atomic_write(path, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: no signal sent, only the check that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 def save_json(path, obj):

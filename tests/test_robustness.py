@@ -364,9 +364,23 @@ def test_run_main_prints_file_system_errors_as_one_line(capsys):
 
 
 def test_a_temp_file_left_by_a_killed_write_is_removed_by_the_next_write(tmp_path):
-    (tmp_path / "pairs.jsonl.tmp4242").write_bytes(b"x" * 1000)  # pid 4242 was killed mid-write
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a writer that is gone
+    (tmp_path / f"pairs.jsonl.tmp{dead.pid}").write_bytes(b"x" * 1000)
     atomic_write(str(tmp_path / "pairs.jsonl"), lambda f: f.write(b"{}\n"))
     assert sorted(os.listdir(tmp_path)) == ["pairs.jsonl"]
+
+
+def test_the_temp_file_of_a_writer_that_still_runs_is_left_to_it(tmp_path):
+    """torchrun ranks tokenizing the same cache write the same paths at once: none may delete another's temp file."""
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / f"train.bin.tmp{writer.pid}").write_bytes(b"x" * 1000)
+        atomic_write(str(tmp_path / "train.bin"), lambda f: f.write(b"tokens"))
+        assert sorted(os.listdir(tmp_path)) == ["train.bin", f"train.bin.tmp{writer.pid}"]
+    finally:
+        writer.kill()
+        writer.wait()
 
 
 def test_a_torn_last_log_line_is_dropped_and_never_fuses_with_the_next_row(tmp_path):

@@ -172,7 +172,7 @@ def training_checkpoint(kind, model, optimizer, cfg, keys, step, **extra):
 def resume(path, kind, cfg, keys, model, optimizer):
     """Continue a run from its checkpoint, if there is one: restore model, optimizer and RNG state
     and return (step, checkpoint); (0, None) for a fresh run. A checkpoint of another run (its
-    config differs from cfg in any of `keys`) is refused, untouched."""
+    run_identity differs from cfg's over `keys`) is refused, untouched."""
     if not os.path.exists(path):
         return 0, None
     ckpt = load_checkpoint(path, kind=kind)

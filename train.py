@@ -88,13 +88,12 @@ class Run:
 
 # ---------------------------------------------------------------------------- stages
 def sft_config(cfg):
-    sft_cfg = SFTConfig(out=cfg.out, name="sft", data=cfg.data, init=cfg.init, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                        n_embd=cfg.n_embd, block_size=cfg.block_size, batch_size=cfg.sft_batch_size,
-                        grad_accum=cfg.sft_grad_accum, max_steps=cfg.sft_steps, lr=cfg.sft_lr, min_lr=cfg.sft_lr / 10,
-                        warmup_steps=max(1, cfg.sft_steps // 20), log_interval=max(1, cfg.sft_steps // 20),
-                        eval_interval=max(1, cfg.sft_steps // 4), save_interval=max(1, cfg.sft_steps // 4),
-                        seed=cfg.seed, device=cfg.device, compile=cfg.compile)
-    return sft_cfg
+    return SFTConfig(out=cfg.out, name="sft", data=cfg.data, init=cfg.init, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                     n_embd=cfg.n_embd, block_size=cfg.block_size, batch_size=cfg.sft_batch_size,
+                     grad_accum=cfg.sft_grad_accum, max_steps=cfg.sft_steps, lr=cfg.sft_lr, min_lr=cfg.sft_lr / 10,
+                     warmup_steps=max(1, cfg.sft_steps // 20), log_interval=max(1, cfg.sft_steps // 20),
+                     eval_interval=max(1, cfg.sft_steps // 4), save_interval=max(1, cfg.sft_steps // 4),
+                     seed=cfg.seed, device=cfg.device, compile=cfg.compile)
 
 
 def run_sft(run):
@@ -104,12 +103,11 @@ def run_sft(run):
 
 
 def reward_config(cfg):
-    reward_cfg = RewardConfig(sft=os.path.join(cfg.out, "sft.pt"), out=cfg.out, data=cfg.data, max_len=cfg.reward_max_len,
-                              batch_size=cfg.reward_batch_size, max_steps=cfg.reward_steps, lr=cfg.reward_lr,
-                              warmup_steps=max(1, cfg.reward_steps // 10), test_reviews=cfg.reward_test_reviews,
-                              log_interval=max(1, cfg.reward_steps // 10), save_interval=max(1, cfg.reward_steps // 4),
-                              seed=cfg.seed, device=cfg.device)
-    return reward_cfg
+    return RewardConfig(sft=os.path.join(cfg.out, "sft.pt"), out=cfg.out, data=cfg.data, max_len=cfg.reward_max_len,
+                        batch_size=cfg.reward_batch_size, max_steps=cfg.reward_steps, lr=cfg.reward_lr,
+                        warmup_steps=max(1, cfg.reward_steps // 10), test_reviews=cfg.reward_test_reviews,
+                        log_interval=max(1, cfg.reward_steps // 10), save_interval=max(1, cfg.reward_steps // 4),
+                        seed=cfg.seed, device=cfg.device)
 
 
 def run_reward(run):
@@ -432,10 +430,11 @@ def bring_up_to_date(run, name, stage, settings, artifacts, work):
         print0(f"=== {name}: done already with these settings (in {cfg.out}; --force redoes it)")
         return None
     print0(f"=== {name}")
-    if record and record["settings"] != settings:
+    stale = record is not None and record["settings"] != settings
+    if stale:
         changed = [f"{k} {record['settings'].get(k)} -> {v}" for k, v in settings.items() if record["settings"].get(k) != v]
         print0(f"{name} was made with other settings ({', '.join(changed)}): redoing it")
-    if cfg.force or (record and record["settings"] != settings):
+    if cfg.force or stale:
         remove(cfg, artifacts)
     later = list(STAGES)[list(STAGES).index(stage) + 1:]
     made_from_old = [other for other, other_record in run.records.items() if other_record["stage"] in later]

@@ -230,7 +230,7 @@ def dpo_step(policy, optimizer, micro_batches, reference, cfg, max_length, lr, s
     """One optimizer step of DPO over gradient-accumulated micro-batches, each (pairs, their
     precomputed reference log-probs (B, 2) or None for the live reference). forward is the module
     to call (DDP-wrapped under torchrun); policy owns the weights. Returns the step's metrics."""
-    forward = forward or policy
+    forward = forward if forward is not None else policy  # not `or`: a compiled or DDP module has no truth value
     device = next(policy.parameters()).device
     metrics = {}
     for pairs, precomputed in micro_batches:

@@ -115,7 +115,7 @@ def validation_loss(model, tokens, cfg, device):
 def sft_step(model, optimizer, micro_batches, lr, grad_clip, step, forward=None):
     """One optimizer step of next-token training over gradient-accumulated micro-batches of windows.
     forward is the module to call (compiled or DDP-wrapped); model owns the weights."""
-    forward = forward or model
+    forward = forward if forward is not None else model  # not `or`: a compiled or DDP module has no truth value
     metrics = {}
     for windows in micro_batches:
         with autocast(windows.device.type):

@@ -77,3 +77,17 @@ def save_tiny_checkpoint(path, model=None, kind="sft"):
     save_checkpoint(str(path), {"kind": kind, "model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
                                 "config": {}, "step": 0})
     return str(path)
+
+
+class NoTruthValue(torch.nn.Module):
+    """Calls the module it wraps and, like torch.compile's wrapper, has no truth value (len() raises)."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def __len__(self):
+        raise TypeError("this wrapper does not support len()")

@@ -18,7 +18,7 @@ import dpo
 import sample
 from checkpoint import load_checkpoint, load_model, read_jsonl
 from cli import UserError
-from conftest import save_tiny_checkpoint, tiny_gpt
+from conftest import NoTruthValue, save_tiny_checkpoint, tiny_gpt
 from data import get_encoding
 from dpo import EOT, DPOConfig, PreferencePair
 
@@ -344,7 +344,8 @@ def test_gradient_matches_paper_form():
     assert (flat_got.double() - flat_expected).norm() <= 1e-5 * flat_expected.norm()
 
 
-def test_dpo_step_takes_the_gradient_of_the_mean_loss_over_its_micro_batches():
+@pytest.mark.parametrize("wrapped", [False, True], ids=["model", "compiled-like wrapper"])
+def test_dpo_step_takes_the_gradient_of_the_mean_loss_over_its_micro_batches(wrapped):
     """dpo.dpo_step over two micro-batches of 2 pairs moves the weights (plain SGD, lr 1) by minus the
     gradient of the mean Eq. 7 loss over all 4 pairs, each pair's loss computed alone in float64; its
     metrics are the means over the 4 pairs, and the gradients are cleared for the next step."""
@@ -365,7 +366,8 @@ def test_dpo_step_takes_the_gradient_of_the_mean_loss_over_its_micro_batches():
 
     before = [p.detach().clone() for p in params]
     metrics = dpo.dpo_step(policy, torch.optim.SGD(params, lr=1.0), [(pairs[:2], None), (pairs[2:], None)], reference,
-                           DPOConfig(beta=beta, grad_clip=0.0), max_length=32, lr=1.0, step=0)
+                           DPOConfig(beta=beta, grad_clip=0.0), max_length=32, lr=1.0, step=0,
+                           forward=NoTruthValue(policy) if wrapped else None)
     moved = torch.cat([(p.detach() - b).flatten() for p, b in zip(params, before)])
     expected = torch.cat([e.flatten() for e in expected_step])
     assert expected.norm() > 0

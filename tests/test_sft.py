@@ -177,3 +177,19 @@ def test_missing_data_path_exits_with_a_one_line_error_and_no_traceback(tmp_path
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "/nonexistent.tar.gz" in lines[0], result.stderr
     assert os.listdir(tmp_path) == []  # nothing written: no out/, no data/ cache
+
+
+def test_sft_step_with_a_compiled_like_wrapper_takes_the_same_step_as_with_the_model():
+    """train_lm hands sft_step torch.compile's wrapper on CUDA, which has no truth value: the step
+    must call it, and move the weights exactly as calling the model itself does."""
+    from conftest import NoTruthValue, tiny_gpt
+    windows = torch.from_numpy(np.stack([STREAM[s:s + 17].astype(np.int64) for s in range(0, 40, 5)]))
+    results = []
+    for wrap in (False, True):
+        model = tiny_gpt(seed=0, vocab_size=128, block_size=16)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        metrics = sft.sft_step(model, optimizer, [windows[:4], windows[4:]], 0.1, 0.0, 0,
+                               forward=NoTruthValue(model) if wrap else None)
+        results.append((metrics["loss"], [p.detach().clone() for p in model.parameters()]))
+    assert results[0][0] == results[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))

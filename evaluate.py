@@ -2,13 +2,17 @@
 The paper's evaluation of the IMDb experiment: sample completions of held-out prompts from the
 policy, score them with the ground-truth reward, and measure how far the policy moved from the
 reference with the sequence-level KL(pi || pi_ref). Each evaluation is one point of the
-reward-vs-KL frontier (Figure 2, left).
+reward-vs-KL frontier (Figure 2, left), with n and standard errors, the second judge's score of the
+same samples, and two degeneration signals. For DPO, the implicit reward beta log(pi / pi_ref)
+(Eq. 5) is also checked against the ground truth's preferences on held-out and training pairs.
 """
 import time
 
+import numpy as np
 import torch
 
 from checkpoint import append_jsonl, atomic_write
+from dpo import sequence_logps
 from device import autocast, gather, local_slice, print0, rank
 from model import left_pad
 from sample import generate
@@ -27,46 +31,126 @@ def sequence_kl(policy_logits, reference_logits, response_mask):
     return torch.where(response_mask[:, 1:].bool(), step_kl, 0.0).sum(-1)
 
 
+def standard_error(values):
+    """The standard error of a mean over n independent samples: sample std (n - 1) / sqrt(n)."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
+
+
+def distinct_ratio(completion):
+    """Distinct tokens / tokens of one completion: near 1 for varied text, low for "great great great"."""
+    return len(set(completion)) / max(1, len(completion))
+
+
 @torch.no_grad()
-def evaluate_policy(policy, reference, reward_model, prompts, max_new_tokens, batch_size, seed):
-    """Mean reward and mean sequence KL over one completion per prompt (temperature 1, full
-    vocabulary, fixed length). Returns dict(reward, kl) and the completions (of this rank's share
-    of the prompts under torchrun; the means are over all prompts)."""
+def completion_logps(model, prompts, completions, batch_size=KL_ROWS):
+    """log pi(y | x) of each completion after its prompt, summed over the completion's tokens: (N,) float64 numpy."""
+    device = next(model.parameters()).device
+    out = [torch.zeros(0, dtype=torch.float64)]
+    for i in range(0, len(prompts), batch_size):
+        sequences = [p + c for p, c in zip(prompts[i:i + batch_size], completions[i:i + batch_size])]
+        ids, mask = left_pad(sequences, device=device)
+        response_mask = torch.zeros_like(mask)
+        for row, c in enumerate(completions[i:i + batch_size]):
+            response_mask[row, ids.shape[1] - len(c):] = 1  # left padding: the completion ends every row
+        with autocast(device.type):
+            out.append(sequence_logps(model(ids, mask), ids, response_mask).double().cpu())
+    return torch.cat(out).numpy()
+
+
+@torch.no_grad()
+def evaluate_policy(policy, reference, reward_model, judge, prompts, max_new_tokens, batch_size, seed):
+    """One frontier point: one completion per prompt (temperature 1, full vocabulary, fixed length),
+    scored by the reward model and by the second judge, and the sequence KL to the reference.
+    Returns the point (n, means and standard errors, and the degeneration signals: the distinct-token
+    ratio and the mean per-token log-prob under the reference) and this rank's completions (under
+    torchrun each rank samples a share of the prompts; the point is over all of them)."""
     policy_was_training = policy.training
     policy.eval()
     device = next(policy.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed + rank())
     prompts = local_slice(prompts)
     completions = generate(policy, prompts, max_new_tokens, stop_at_eot=False, generator=generator, batch_size=batch_size)
-    kls = []
+    kls, reference_logps = [], []
     for i in range(0, len(prompts), KL_ROWS):
         sequences = [p + c for p, c in zip(prompts[i:i + KL_ROWS], completions[i:i + KL_ROWS])]
         ids, mask = left_pad(sequences, device=device)  # same prompt lengths per row: completions are fixed length
         response_mask = torch.zeros_like(mask)
         response_mask[:, -max_new_tokens:] = 1
         with autocast(device.type):
-            kls.append(sequence_kl(policy(ids, mask), reference(ids, mask), response_mask).cpu())
-    rewards = gather(reward_model.score([p + c for p, c in zip(prompts, completions)]).tolist())
-    kls = gather(torch.cat(kls + [torch.zeros(0)]).tolist())
+            reference_logits = reference(ids, mask)
+            kls.append(sequence_kl(policy(ids, mask), reference_logits, response_mask).cpu())
+            reference_logps.append(sequence_logps(reference_logits, ids, response_mask).cpu() / max_new_tokens)
+    texts = [p + c for p, c in zip(prompts, completions)]
+    samples = {"reward": reward_model.score(texts).tolist(), "judge": judge.score(texts).tolist(),
+               "kl": torch.cat(kls + [torch.zeros(0)]).tolist(), "distinct": [distinct_ratio(c) for c in completions],
+               "reference_logp": torch.cat(reference_logps + [torch.zeros(0)]).tolist()}
+    samples = {k: np.array(gather(v)) for k, v in samples.items()}  # every rank's share
     policy.train(policy_was_training)
-    return {"reward": sum(rewards) / len(rewards), "kl": sum(kls) / len(kls)}, completions
+    point = {"n": len(samples["reward"])}
+    for k, v in samples.items():
+        point[k] = float(v.mean())
+        if k in ("reward", "judge", "kl"):
+            point[k + "_se"] = standard_error(v)
+    return point, completions
+
+
+def implicit_reward_accuracy(policy_logps, reference_logps, beta):
+    """How often DPO's implicit reward r = beta log(pi(y|x) / pi_ref(y|x)) (Eq. 5) ranks a pair as the
+    ground truth did. Arrays (N, 2) of [chosen, rejected] log-probs; a tie counts one half (at step 0
+    pi = pi_ref, every implicit reward is 0, and the accuracy is exactly 0.5)."""
+    chosen = beta * (policy_logps[:, 0] - reference_logps[:, 0])
+    rejected = beta * (policy_logps[:, 1] - reference_logps[:, 1])
+    return float(np.mean((chosen > rejected) + 0.5 * (chosen == rejected)))
+
+
+class PairScorer:
+    """The log-probs of preference pairs under a model, each distinct (prompt, completion) computed
+    once (a prefix's 4 completions make its 6 pairs): logps(model) -> (N, 2) [chosen, rejected]."""
+
+    def __init__(self, pairs):
+        keys = {}
+        self.index = np.array([[keys.setdefault((tuple(p["prompt_ids"]), tuple(p[side])), len(keys))
+                                for side in ("chosen_ids", "rejected_ids")] for p in pairs]).reshape(-1, 2)
+        self.prompts = [list(prompt) for prompt, _ in keys]
+        self.completions = [list(completion) for _, completion in keys]
+
+    def logps(self, model):
+        return completion_logps(model, self.prompts, self.completions)[self.index]
 
 
 class Evaluator:
-    """Every method's evaluation on the same held-out prefixes, with the same reference and reward
-    model: evaluator(policy, method, beta, step, log_path) appends one frontier point to log_path."""
+    """Every method's evaluation on the same held-out prefixes, with the same reference, reward model
+    and judge: evaluator(policy, method, beta, step, log_path) appends one frontier point to log_path.
+    evaluator.implicit(policy, beta) measures DPO's implicit reward on held-out and training pairs."""
 
-    def __init__(self, reference, reward_model, prompts, max_new_tokens, batch_size, seed):
-        self.reference, self.reward_model, self.prompts = reference, reward_model, prompts
+    def __init__(self, reference, reward_model, judge, prompts, max_new_tokens, batch_size, seed, preference_sets):
+        self.reference, self.reward_model, self.judge, self.prompts = reference, reward_model, judge, prompts
         self.max_new_tokens, self.batch_size, self.seed = max_new_tokens, batch_size, seed
+        self.scorers = {name: PairScorer(pairs) for name, pairs in preference_sets.items()}
+        self.reference_logps = {}  # computed on first use: the reference is fixed
         self.t0 = time.time()
 
-    def __call__(self, policy, method, beta, step, log_path):
-        metrics, completions = evaluate_policy(policy, self.reference, self.reward_model, self.prompts,
-                                               self.max_new_tokens, self.batch_size, seed=self.seed)
-        append_jsonl(log_path, {"method": method, "beta": beta, "step": step, **metrics, "wall_time": time.time() - self.t0})
-        print0(f"eval {method} beta={beta} step {step}: reward {metrics['reward']:.3f} | kl {shown_kl(metrics['kl'], 3)}")
-        return metrics, completions
+    def implicit(self, policy, beta):
+        """{"implicit_acc_<set>": accuracy} for each preference set (held-out, training sample)."""
+        result = {}
+        for name, scorer in self.scorers.items():
+            if name not in self.reference_logps:
+                self.reference_logps[name] = scorer.logps(self.reference)
+            result[f"implicit_acc_{name}"] = implicit_reward_accuracy(scorer.logps(policy), self.reference_logps[name], beta)
+        return result
+
+    def __call__(self, policy, method, beta, step, log_path, implicit=False):
+        point, completions = evaluate_policy(policy, self.reference, self.reward_model, self.judge, self.prompts,
+                                             self.max_new_tokens, self.batch_size, seed=self.seed)
+        if implicit:
+            point.update(self.implicit(policy, beta))
+        append_jsonl(log_path, {"method": method, "beta": beta, "step": step, **point, "wall_time": time.time() - self.t0})
+        shown = "".join(f" | {k} {v:.3f}" for k, v in point.items() if k.startswith("implicit"))
+        print0(f"eval {method} beta={beta} step {step}: reward {point['reward']:.3f} ± {point['reward_se']:.3f} | "
+               f"judge {point['judge']:.3f} ± {point['judge_se']:.3f} | kl {shown_kl(point['kl'], 3)} | "
+               f"distinct {point['distinct']:.2f} | ref logp {point['reference_logp']:.2f}{shown}")
+        return point, completions
 
 
 def shown_kl(kl, digits):
@@ -76,24 +160,29 @@ def shown_kl(kl, digits):
 
 
 def plot_frontier(rows, path):
-    """Reward vs KL, one series per method (and beta), like the paper's Figure 2 (left)."""
+    """Reward vs KL, one series per method (and beta), like the paper's Figure 2 (left), with error
+    bars of one standard error; beside it the same points scored by the second judge."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     series = {}
     for row in rows:
         label = row["method"] if row.get("beta") is None else f"{row['method']} beta={row['beta']:g}"
-        series.setdefault(label, []).append((row["kl"], row["reward"]))
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for label, points in sorted(series.items()):
-        kl, reward = zip(*sorted(points))
-        style = dict(marker="*", s=150, zorder=3) if len(points) == 1 else dict(s=18, alpha=0.8)
-        ax.scatter(kl, reward, label=label, **style)
-    ax.set_xlabel("KL(pi || pi_ref)  [nats, sum over generated tokens]")
-    ax.set_ylabel("mean reward  P(positive)")
-    ax.set_title("IMDb sentiment: reward vs KL frontier")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        series.setdefault(label, []).append(row)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
+    for ax, key, title in ((axes[0], "reward", "ground-truth reward (n-gram classifier)"),
+                           (axes[1], "judge", "second judge (GPT-trunk classifier)")):
+        for label, points in sorted(series.items()):
+            points = sorted(points, key=lambda r: r["kl"])
+            style = dict(marker="*", markersize=12, zorder=3) if len(points) == 1 else dict(marker="o", markersize=4, alpha=0.8)
+            ax.errorbar([r["kl"] for r in points], [r[key] for r in points], yerr=[r[key + "_se"] for r in points],
+                        label=label, capsize=2, linestyle="none", **style)
+        ax.set_xlabel("KL(pi || pi_ref)  [nats, sum over generated tokens]")
+        ax.set_ylabel(f"mean {key}  P(positive)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("IMDb sentiment: reward vs KL frontier (bars: one standard error)")
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)

@@ -2,10 +2,12 @@
 The paper's controlled-sentiment experiment (IMDb, Figure 2 left), end to end. The stages, in order:
 
   sft       next-token training on IMDb reviews                         -> OUT/sft.pt
-  reward    sentiment classifier r(x, y) = P(positive | x + y)          -> OUT/reward.pt
+  reward    the reward r(x, y) = P(positive | x + y), an n-gram classifier -> OUT/reward.pt
   pairs     4 SFT samples per train prefix, all 6 pairs, labelled by r   -> OUT/pairs.jsonl
+            the same from held-out test prefixes                         -> OUT/heldout_pairs.jsonl
+  judge     the second judge, a GPT-trunk classifier; it only evaluates   -> OUT/judge.pt
   methods   every method of METHODS, evaluated on held-out test prefixes -> OUT/<run>/eval.jsonl
-  report    results.jsonl, frontier.png, a summary table, samples before/after DPO
+  report    results.jsonl, frontier.png, summary tables, samples before/after DPO
 
 The methods (--methods picks some; each is one entry of METHODS in train.py):
 
@@ -42,7 +44,7 @@ from device import barrier, hardware_name, is_main, print0, setup_device
 from dpo import DPOConfig, train_dpo
 from evaluate import Evaluator, plot_frontier, shown_kl
 from pairs import best_completions, sample_and_label
-from reward import RewardConfig, load_reward_model, train_reward
+from reward import RewardConfig, load_classifier, train_reward
 from sample import generate
 from sft import SFTConfig, train_lm
 
@@ -56,8 +58,13 @@ class Run:
         # the prompts, made here so that a data set too small for the settings is refused before any work
         self.train_prompts = self.prefixes("train", cfg.n_prefixes, cfg.seed, "--n-prefixes")
         self.eval_prompts = self.prefixes("test", cfg.eval_prefixes, cfg.seed + 1, "--eval-prefixes")
-        if cfg.reward_test_reviews > len(imdb["test"]):
-            raise UserError(f"--reward-test-reviews {cfg.reward_test_reviews} exceeds the {len(imdb['test'])} test reviews")
+        # the held-out preference set: test prefixes only, none equal to a training prefix
+        train = {tuple(p) for p in self.train_prompts}
+        self.heldout_prompts = [p for p in self.prefixes("test", cfg.heldout_prefixes, cfg.seed + 2, "--heldout-prefixes")
+                                if tuple(p) not in train]
+        for flag, n in (("--reward-test-reviews", cfg.reward_test_reviews), ("--judge-test-reviews", cfg.judge_test_reviews)):
+            if n > len(imdb["test"]):
+                raise UserError(f"{flag} {n} exceeds the {len(imdb['test'])} test reviews")
         self.records = read_json(self.path("settings.json")) if os.path.exists(self.path("settings.json")) else {}
 
     def prefixes(self, split, n, seed, flag):
@@ -72,9 +79,14 @@ class Run:
     @functools.cached_property
     def evaluator(self):
         cfg = self.cfg
+        train_pairs = read_jsonl(self.path("pairs.jsonl"))
+        sampled = {tuple(p) for p in self.train_prompts[:cfg.heldout_prefixes]}  # as many training prefixes as held out
+        preference_sets = {"heldout": read_jsonl(self.path("heldout_pairs.jsonl")),
+                           "train": [p for p in train_pairs if tuple(p["prompt_ids"]) in sampled]}
         return Evaluator(load_model(self.path("sft.pt")).to(self.device).eval(),
-                         load_reward_model(self.path("reward.pt")).to(self.device),
-                         self.eval_prompts, cfg.max_new_tokens, cfg.sample_batch_size, cfg.seed)
+                         load_classifier(self.path("reward.pt")).to(self.device),
+                         load_classifier(self.path("judge.pt")).to(self.device),
+                         self.eval_prompts, cfg.max_new_tokens, cfg.sample_batch_size, cfg.seed, preference_sets)
 
     @functools.cached_property
     def data_id(self):
@@ -103,31 +115,42 @@ def run_sft(run):
 
 
 def reward_config(cfg):
-    return RewardConfig(sft=os.path.join(cfg.out, "sft.pt"), out=cfg.out, data=cfg.data, max_len=cfg.reward_max_len,
-                        batch_size=cfg.reward_batch_size, max_steps=cfg.reward_steps, lr=cfg.reward_lr,
-                        warmup_steps=max(1, cfg.reward_steps // 10), test_reviews=cfg.reward_test_reviews,
-                        log_interval=max(1, cfg.reward_steps // 10), save_interval=max(1, cfg.reward_steps // 4),
+    return RewardConfig(kind="ngram", name="reward", out=cfg.out, data=cfg.data, max_steps=cfg.reward_steps,
+                        lr=cfg.reward_lr, order=cfg.reward_order, bits=cfg.reward_bits, test_reviews=cfg.reward_test_reviews,
+                        log_interval=max(1, cfg.reward_steps // 10), seed=cfg.seed, device=cfg.device)
+
+
+def judge_config(cfg):
+    return RewardConfig(kind="gpt", name="judge", sft=os.path.join(cfg.out, "sft.pt"), out=cfg.out, data=cfg.data,
+                        max_len=cfg.judge_max_len, batch_size=cfg.judge_batch_size, max_steps=cfg.judge_steps,
+                        lr=cfg.judge_lr, warmup_steps=max(1, cfg.judge_steps // 10), test_reviews=cfg.judge_test_reviews,
+                        log_interval=max(1, cfg.judge_steps // 10), save_interval=max(1, cfg.judge_steps // 4),
                         seed=cfg.seed, device=cfg.device)
 
 
-def run_reward(run):
-    _, accuracy = train_reward(reward_config(run.cfg), run.imdb)
-    return {"reward_test_accuracy": accuracy, **throughput([run.path("reward_log.jsonl")], "reviews_per_s", "reward_")}
+def run_classifier(run, name, config):
+    """The reward model or the second judge: two classifiers of different kinds on the same labels."""
+    _, accuracy = train_reward(config, run.imdb)
+    return {**{f"{name}_{k}": v for k, v in accuracy.items()},
+            **throughput([run.path(f"{name}_log.jsonl")], "reviews_per_s", f"{name}_")}
 
 
 def run_pairs(run):
     cfg = run.cfg
     policy = load_model(run.path("sft.pt")).to(run.device).eval()
-    reward_model = load_reward_model(run.path("reward.pt")).to(run.device)
-    prompts = run.train_prompts
-    pairs, mean_reward, tokens_per_s = sample_and_label(policy, reward_model, prompts, cfg.completions_per_prefix,
-                                                        cfg.max_new_tokens, cfg.sample_batch_size, cfg.seed)
-    write_jsonl(run.path("pairs.jsonl"), pairs)
-    gap = float(np.mean([p["chosen_reward"] - p["rejected_reward"] for p in pairs]))
-    print0(f"pairs: {len(pairs)} pairs from {len(prompts)} prefixes, mean reward {mean_reward:.3f}, "
-           f"mean chosen-rejected reward gap {gap:.3f}")
-    return {"pairs": len(pairs), "prefixes": len(prompts), "mean_reward_gap": gap, "sft_sample_reward": mean_reward,
-            "sampling_tokens_per_s": tokens_per_s}
+    reward_model = load_classifier(run.path("reward.pt")).to(run.device)
+    result = {}
+    # the training pairs, and the held-out ones made the same way from test prefixes (for the implicit reward)
+    for name, prompts, seed in (("pairs", run.train_prompts, cfg.seed), ("heldout_pairs", run.heldout_prompts, cfg.seed + 2)):
+        pairs, mean_reward, tokens_per_s = sample_and_label(policy, reward_model, prompts, cfg.completions_per_prefix,
+                                                            cfg.max_new_tokens, cfg.sample_batch_size, seed)
+        write_jsonl(run.path(f"{name}.jsonl"), pairs)
+        gap = float(np.mean([p["chosen_reward"] - p["rejected_reward"] for p in pairs]))
+        print0(f"{name}: {len(pairs)} pairs from {len(prompts)} prefixes, mean reward {mean_reward:.3f}, "
+               f"mean chosen-rejected reward gap {gap:.3f}")
+        result[name] = {"pairs": len(pairs), "prefixes": len(prompts), "mean_reward_gap": gap,
+                        "sft_sample_reward": mean_reward, "sampling_tokens_per_s": tokens_per_s}
+    return result
 
 
 def run_methods(run):
@@ -171,7 +194,8 @@ def pft_config(cfg, folder):
 def run_dpo(run, folder, beta):
     """DPO (dpo.py) at one beta, evaluated at step 0, every eval_interval steps and at the end."""
     log = os.path.join(folder, "eval.jsonl")
-    train_dpo(dpo_config(run.cfg, folder, beta), evaluate=lambda step, policy: run.evaluator(policy, "DPO", beta, step, log)[0])
+    train_dpo(dpo_config(run.cfg, folder, beta),
+              evaluate=lambda step, policy: run.evaluator(policy, "DPO", beta, step, log, implicit=True)[0])
     return throughput([os.path.join(folder, "dpo_log.jsonl")], "pairs_per_s", "dpo_")
 
 
@@ -206,10 +230,7 @@ def run_report(run):
         key = (row["method"], row["beta"])
         if key not in final or row["step"] >= final[key]["step"]:
             final[key] = row
-    table = ["| method | beta | step | KL | reward |", "|---|---|---|---|---|"]
-    table += [f"| {r['method']} | {'' if r['beta'] is None else format(r['beta'], 'g')} | {r['step']} | "
-              f"{shown_kl(r['kl'], 2)} | {r['reward']:.3f} |" for r in final.values()]
-    table_text = "\n".join(table)
+    table_text = "\n".join(frontier_table(final.values()) + [""] + implicit_table(rows))
     print(table_text)
     # a handful of completions of the same test prefixes before (SFT) and after DPO (the first beta)
     enc = get_encoding()
@@ -231,6 +252,24 @@ def run_report(run):
         f"# Results\n\n{table_text}\n\nstage summary: {summary}\n\n"
         f"# Samples\n\n[reward] prefix|completion\n```\n{samples}\n```\n".encode()))
     return {}
+
+
+def frontier_table(rows):
+    """The final point of each method: reward and second judge with their standard errors, and the
+    degeneration signals (distinct-token ratio, mean per-token log-prob under the reference)."""
+    lines = ["| method | beta | step | n | KL | reward | judge | distinct | ref logp |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['method']} | {'' if r['beta'] is None else format(r['beta'], 'g')} | {r['step']} | {r['n']} | "
+              f"{shown_kl(r['kl'], 2)} | {r['reward']:.3f} ± {r['reward_se']:.3f} | {r['judge']:.3f} ± {r['judge_se']:.3f} | "
+              f"{r['distinct']:.2f} | {r['reference_logp']:.2f} |" for r in rows]
+    return lines
+
+
+def implicit_table(rows):
+    """Eq. 5 measured: how often beta log(pi / pi_ref) orders held-out and training pairs as the ground truth does."""
+    lines = ["| DPO beta | step | implicit-reward accuracy, held-out pairs | on training pairs |", "|---|---|---|---|"]
+    lines += [f"| {r['beta']:g} | {r['step']} | {r['implicit_acc_heldout']:.3f} | {r['implicit_acc_train']:.3f} |"
+              for r in rows if "implicit_acc_heldout" in r]
+    return lines
 
 
 def read_stage_times(run):
@@ -278,10 +317,13 @@ STAGES = {
     "sft": Stage(run_sft, ["sft.pt", "sft_log.jsonl"],
                  ("seed", "init", "n_layer", "n_head", "n_embd", "block_size", "sft_steps", "sft_batch_size",
                   "sft_grad_accum", "sft_lr")),
-    "reward": Stage(run_reward, ["reward.pt", "reward_log.jsonl"],
-                    ("reward_steps", "reward_batch_size", "reward_lr", "reward_max_len", "reward_test_reviews")),
-    "pairs": Stage(run_pairs, ["pairs.jsonl"],
-                   ("n_prefixes", "completions_per_prefix", "max_new_tokens", "sample_batch_size")),
+    "reward": Stage(lambda run: run_classifier(run, "reward", reward_config(run.cfg)), ["reward.pt", "reward_log.jsonl"],
+                    ("reward_steps", "reward_lr", "reward_order", "reward_bits", "reward_test_reviews")),
+    "pairs": Stage(run_pairs, ["pairs.jsonl", "heldout_pairs.jsonl"],
+                   ("n_prefixes", "heldout_prefixes", "completions_per_prefix", "max_new_tokens", "sample_batch_size")),
+    # after pairs: the judge only evaluates, so a change to it redoes the evaluations, not the pairs
+    "judge": Stage(lambda run: run_classifier(run, "judge", judge_config(run.cfg)), ["judge.pt", "judge_log.jsonl"],
+                   ("judge_steps", "judge_batch_size", "judge_lr", "judge_max_len", "judge_test_reviews")),
     "methods": Stage(run_methods, None, ("eval_prefixes",)),  # None: each run of each method is recorded on its own
     "report": Stage(run_report, None, ()),  # None: cheap, so always redone, its files replaced whole
 }
@@ -320,32 +362,38 @@ class TrainConfig:
     sft_grad_accum: int = field(default=1, metadata={"help": "SFT micro-batches per step"})
     sft_lr: float = field(default=2e-3, metadata={"help": "SFT peak learning rate"})
     compile: bool = field(default=True, metadata={"help": "torch.compile SFT on CUDA"})
-    # 2. reward model
-    reward_steps: int = field(default=500, metadata={"help": "classifier optimizer steps"})
-    reward_batch_size: int = field(default=32, metadata={"help": "reviews per classifier step"})
-    reward_lr: float = field(default=3e-4, metadata={"help": "classifier peak learning rate"})
-    reward_max_len: int = field(default=64, metadata={"help": "tokens of each review the classifier reads"})
-    reward_test_reviews: int = field(default=2000, metadata={"help": "test reviews for its accuracy (0 = all 25k)"})
+    # 2. the reward (an n-gram classifier) and the second judge (a GPT-trunk classifier)
+    reward_steps: int = field(default=1600, metadata={"help": "reward: optimizer steps of 64 reviews"})
+    reward_lr: float = field(default=5e-3, metadata={"help": "reward: Adam learning rate"})
+    reward_order: int = field(default=4, metadata={"help": "reward: n-grams of 1..order tokens"})
+    reward_bits: int = field(default=24, metadata={"help": "reward: 2**bits hashed n-gram weights"})
+    reward_test_reviews: int = field(default=0, metadata={"help": "reward: test reviews for its accuracy (0 = all 25k)"})
+    judge_steps: int = field(default=300, metadata={"help": "judge: optimizer steps"})
+    judge_batch_size: int = field(default=32, metadata={"help": "judge: reviews per step"})
+    judge_lr: float = field(default=3e-4, metadata={"help": "judge: peak learning rate"})
+    judge_max_len: int = field(default=64, metadata={"help": "judge: longest training crop, in tokens"})
+    judge_test_reviews: int = field(default=2000, metadata={"help": "judge: test reviews for its accuracy (0 = all 25k)"})
     # 3. preference pairs
-    n_prefixes: int = field(default=400, metadata={"help": "train prefixes (paper: 25,000)"})
+    n_prefixes: int = field(default=1200, metadata={"help": "train prefixes (paper: 25,000)"})
+    heldout_prefixes: int = field(default=50, metadata={"help": "test prefixes for the held-out pairs that measure DPO's implicit reward"})
     completions_per_prefix: int = field(default=4, metadata={"help": "samples per prefix (paper: 4 -> 6 pairs)"})
     max_new_tokens: int = field(default=24, metadata={"help": "tokens per sampled completion"})
     sample_batch_size: int = field(default=256, metadata={"help": "prompts per sampling batch"})
     # 4. DPO
     betas: str = field(default="0.1,1", metadata={"help": "comma-separated betas (paper: 0.05,0.1,1,5)"})
-    dpo_steps: int = field(default=100, metadata={"help": "DPO optimizer steps per beta (0 = one epoch)"})
+    dpo_steps: int = field(default=80, metadata={"help": "DPO optimizer steps per beta (0 = one epoch)"})
     dpo_batch_size: int = field(default=16, metadata={"help": "pairs per DPO step (paper: 64)"})
     dpo_micro_batch_size: int = field(default=16, metadata={"help": "pairs per forward pass"})
     dpo_optimizer: str = field(default="rmsprop", metadata={"help": "rmsprop (paper) | adamw"})
-    dpo_lr: float = field(default=5e-5, metadata={"help": "DPO learning rate (paper: 1e-6 for GPT-2-large)"})
+    dpo_lr: float = field(default=3e-4, metadata={"help": "DPO learning rate (paper: 1e-6 for GPT-2-large)"})
     dpo_warmup_steps: int = field(default=10, metadata={"help": "DPO linear warm-up (paper: 150)"})
     precompute_ref: bool = field(default=False, metadata={"help": "precompute reference log-probs once"})
     # 5. baselines
     pft_steps: int = field(default=60, metadata={"help": "Preferred-FT optimizer steps (0 = skip)"})
     pft_lr: float = field(default=1e-4, metadata={"help": "Preferred-FT learning rate"})
     # 6. evaluation
-    eval_interval: int = field(default=25, metadata={"help": "DPO steps between evaluations (paper: 100)"})
-    eval_prefixes: int = field(default=64, metadata={"help": "held-out test prefixes per evaluation"})
+    eval_interval: int = field(default=40, metadata={"help": "DPO steps between evaluations (paper: 100)"})
+    eval_prefixes: int = field(default=256, metadata={"help": "held-out test prefixes per evaluation"})
 
     def validate(self):
         check(self.stage == "all" or self.stage in STAGES, f"--stage must be all or one of {', '.join(STAGES)}, got {self.stage!r}")
@@ -353,16 +401,19 @@ class TrainConfig:
         check(self.method_list() and not unknown,
               f"--methods must be all or a comma-separated list of {', '.join(METHODS)}, got {self.methods!r}")
         for name in ("n_layer", "n_head", "n_embd", "block_size", "sft_steps", "sft_batch_size", "sft_grad_accum",
-                     "reward_steps", "reward_batch_size", "reward_max_len", "n_prefixes", "max_new_tokens",
+                     "reward_steps", "judge_steps", "judge_batch_size", "judge_max_len", "n_prefixes", "heldout_prefixes",
+                     "max_new_tokens",
                      "sample_batch_size", "dpo_batch_size", "dpo_micro_batch_size", "eval_interval", "eval_prefixes"):
             check(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         check(self.dpo_batch_size % self.dpo_micro_batch_size == 0,
               f"--dpo-batch-size {self.dpo_batch_size} must be a multiple of --dpo-micro-batch-size {self.dpo_micro_batch_size}")
         check(self.completions_per_prefix >= 2, f"--completions-per-prefix must be at least 2, got {self.completions_per_prefix}")
-        check(self.dpo_steps >= 0 and self.pft_steps >= 0 and self.reward_test_reviews >= 0, "step counts must be >= 0")
-        check(self.sft_lr > 0 and self.reward_lr > 0 and self.dpo_lr > 0 and self.pft_lr > 0, "learning rates must be > 0")
-        check(self.init != "scratch" or self.reward_max_len <= self.block_size,
-              f"--reward-max-len {self.reward_max_len} exceeds the model's context --block-size {self.block_size}")
+        check(self.dpo_steps >= 0 and self.pft_steps >= 0 and self.reward_test_reviews >= 0 and self.judge_test_reviews >= 0,
+              "step and review counts must be >= 0")
+        check(self.sft_lr > 0 and self.reward_lr > 0 and self.judge_lr > 0 and self.dpo_lr > 0 and self.pft_lr > 0,
+              "learning rates must be > 0")
+        check(self.init != "scratch" or self.judge_max_len <= self.block_size,
+              f"--judge-max-len {self.judge_max_len} exceeds the model's context --block-size {self.block_size}")
         check(8 + self.max_new_tokens <= self.block_size,
               f"an 8-token prefix plus --max-new-tokens {self.max_new_tokens} exceeds --block-size {self.block_size}")
         shortest_pft_text = self.n_prefixes * (2 + self.max_new_tokens + 1)  # best completions: prefix + sample + EOT
@@ -376,7 +427,7 @@ class TrainConfig:
         check(betas and all(math.isfinite(b) and b > 0 for b in betas), f"every beta must be finite and > 0, got {self.betas!r}")
         check(len({f"{b:g}" for b in betas}) == len(betas), f"--betas names the same beta twice: {self.betas!r}")
         # each stage's own checks, now: a bad setting stops the run before anything is written or removed
-        for stage_cfg in [sft_config(self), reward_config(self), *(dpo_config(self, "", b) for b in betas),
+        for stage_cfg in [sft_config(self), reward_config(self), judge_config(self), *(dpo_config(self, "", b) for b in betas),
                           *([pft_config(self, "")] if self.pft_steps else [])]:
             stage_cfg.validate()
 
@@ -389,13 +440,14 @@ class TrainConfig:
 
 PRESETS = {
     "smoke": dict(n_layer=2, n_head=2, n_embd=64, block_size=48, sft_steps=20, sft_batch_size=8, reward_steps=20,
-                  reward_batch_size=16, reward_max_len=48, reward_test_reviews=32, n_prefixes=16, max_new_tokens=12,
+                  reward_bits=16, reward_test_reviews=32, judge_steps=20, judge_batch_size=16, judge_max_len=48,
+                  judge_test_reviews=32, n_prefixes=16, heldout_prefixes=8, max_new_tokens=12,
                   betas="0.1,1", dpo_steps=6, dpo_batch_size=8, dpo_micro_batch_size=4, dpo_lr=1e-4,
                   dpo_warmup_steps=2, pft_steps=4, eval_interval=3, eval_prefixes=8),
-    "cpu": dict(),  # the defaults above: about 12 minutes on a 2-core CPU
+    "cpu": dict(),  # the defaults above: about 15 minutes on a 2-core CPU
     "gpu": dict(n_layer=12, n_head=12, n_embd=768, block_size=256, sft_steps=1500, sft_batch_size=64, sft_grad_accum=2,
-                sft_lr=6e-4, reward_steps=800, reward_batch_size=64, reward_lr=1e-4, reward_max_len=256,
-                reward_test_reviews=0, n_prefixes=25_000, max_new_tokens=48, sample_batch_size=1024,
+                sft_lr=6e-4, judge_steps=800, judge_batch_size=64, judge_lr=1e-4, judge_max_len=256,
+                judge_test_reviews=0, n_prefixes=25_000, heldout_prefixes=1000, max_new_tokens=48, sample_batch_size=1024,
                 betas="0.05,0.1,1,5", dpo_steps=600, dpo_batch_size=64, dpo_micro_batch_size=64, dpo_lr=1e-6,
                 dpo_warmup_steps=150, pft_steps=300, pft_lr=1e-5, eval_interval=100, eval_prefixes=512),
 }

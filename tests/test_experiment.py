@@ -19,10 +19,10 @@ import evaluate
 import train
 from checkpoint import load_state, read_jsonl
 from conftest import save_tiny_checkpoint, tiny_gpt
-from data import EOT, TokenizedSplit
-from evaluate import evaluate_policy, sequence_kl, shown_kl
+from data import EOT, load_imdb
+from evaluate import (Evaluator, PairScorer, evaluate_policy, implicit_reward_accuracy, sequence_kl, shown_kl,
+                      standard_error)
 from pairs import all_pairs
-from reward import RewardConfig, RewardModel, train_reward
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,29 +73,93 @@ def test_sequence_kl_ignores_prompt_and_padding_positions():
     assert kl.item() == pytest.approx(by_hand.item(), rel=1e-5)  # the estimator works in float32
 
 
-class FakeRewardModel(torch.nn.Module):
+class FakeClassifier(torch.nn.Module):
+    """P(positive) = the fraction of odd tokens (or of even ones): a score a test can recompute."""
+
+    def __init__(self, odd=1):
+        super().__init__()
+        self.odd = odd
+
     def score(self, sequences):
-        return np.array([float(np.mean([t % 2 for t in s])) for s in sequences])
+        return np.array([float(np.mean([t % 2 == self.odd for t in s])) for s in sequences])
 
 
 def test_kl_is_exactly_zero_when_policy_equals_reference():
     policy = tiny_gpt().eval()
     prompts = [[10, 11], [12, 13, 14, 15], [16, 17, 18]]
-    metrics, completions = evaluate_policy(policy, copy.deepcopy(policy), FakeRewardModel(), prompts, 6, 2, seed=0)
-    assert metrics["kl"] == 0.0
+    metrics, completions = evaluate_policy(policy, copy.deepcopy(policy), FakeClassifier(), FakeClassifier(0), prompts, 6, 2, seed=0)
+    assert metrics["kl"] == 0.0 and metrics["kl_se"] == 0.0
     assert all(len(c) == 6 for c in completions)
     assert 0.0 <= metrics["reward"] <= 1.0
 
 
+def test_point_statistics_equal_direct_computation_from_the_samples():
+    """n, the means, the standard errors (sample std / sqrt(n)), the distinct-token ratio and the
+    mean per-token reference log-prob, each recomputed from the completions with float64 loops."""
+    policy, reference = tiny_gpt(seed=0).eval(), tiny_gpt(seed=1).eval()
+    prompts = [[10 + i] * (1 + i % 3) for i in range(9)]
+    point, completions = evaluate_policy(policy, reference, FakeClassifier(), FakeClassifier(0), prompts, 5, 4, seed=0)
+    reference = reference.double()
+    texts = [p + c for p, c in zip(prompts, completions)]
+
+    def mean_and_se(values):
+        n = len(values)
+        mean = sum(values) / n
+        return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) / math.sqrt(n)
+    for key, classifier in (("reward", FakeClassifier()), ("judge", FakeClassifier(0))):
+        mean, se = mean_and_se([sum(t % 2 == classifier.odd for t in s) / len(s) for s in texts])
+        assert point[key] == pytest.approx(mean, abs=1e-12) and point[key + "_se"] == pytest.approx(se, abs=1e-12)
+    assert point["n"] == 9 and point["reward_se"] > 0
+    assert point["distinct"] == pytest.approx(sum(len(set(c)) / len(c) for c in completions) / 9)
+    logps = []
+    with torch.no_grad():
+        for p, c in zip(prompts, completions):  # log pi_ref(c | p) / len(c), one token at a time
+            logits = reference(torch.tensor([p + c]))[0]
+            logps.append(sum(logits[len(p) + t - 1].log_softmax(-1)[c[t]].item() for t in range(len(c))) / len(c))
+    assert point["reference_logp"] == pytest.approx(sum(logps) / 9, rel=1e-4)
+    assert standard_error([1.0, 2.0, 3.0, 4.0]) == pytest.approx(math.sqrt(5 / 3) / 2, rel=1e-15)
+
+
+def test_implicit_reward_accuracy_equals_brute_force_count_on_toy_policy():
+    """beta log(pi(y|x) / pi_ref(y|x)) from per-token float64 loops, and the pairs it orders as the
+    ground truth did counted one by one (ties one half)."""
+    policy, reference = tiny_gpt(seed=0, vocab_size=64).double().eval(), tiny_gpt(seed=1, vocab_size=64).double().eval()
+    rng = np.random.default_rng(0)
+    pairs = []
+    for _ in range(6):  # 6 prompts x 4 completions -> 36 pairs sharing completions
+        prompt = rng.integers(0, 64, int(rng.integers(2, 5))).tolist()
+        completions = [rng.integers(0, 64, 4).tolist() for _ in range(4)]
+        rewards = rng.random(4)
+        pairs += all_pairs(prompt, completions, rewards)
+
+    def logp(model, prompt, completion):
+        logits = model(torch.tensor([prompt + completion]))[0]
+        return sum(logits[len(prompt) + t - 1].log_softmax(-1)[completion[t]].item() for t in range(len(completion)))
+    beta, right = 0.3, 0.0
+    with torch.no_grad():
+        for p in pairs:
+            r_w = beta * (logp(policy, p["prompt_ids"], p["chosen_ids"]) - logp(reference, p["prompt_ids"], p["chosen_ids"]))
+            r_l = beta * (logp(policy, p["prompt_ids"], p["rejected_ids"]) - logp(reference, p["prompt_ids"], p["rejected_ids"]))
+            right += 1.0 if r_w > r_l else 0.5 if r_w == r_l else 0.0
+    scorer = PairScorer(pairs)
+    assert len(scorer.prompts) == 24  # each distinct completion scored once
+    accuracy = implicit_reward_accuracy(scorer.logps(policy), scorer.logps(reference), beta)
+    assert accuracy == pytest.approx(right / len(pairs), abs=1e-12)
+    assert 0.1 < accuracy < 0.9  # a random toy policy: neither all right nor all wrong
+    assert implicit_reward_accuracy(scorer.logps(reference), scorer.logps(reference), beta) == 0.5  # pi = pi_ref: all ties
+
+
 def test_kl_in_chunks_of_rows_equals_kl_in_one_pass(monkeypatch):
-    """The KL is computed KL_ROWS sequences at a time to bound memory; the chunking changes no number."""
+    """The KL is computed KL_ROWS sequences at a time to bound memory; the chunking changes no number
+    beyond float32 rounding."""
     policy, reference = tiny_gpt(seed=0).eval(), tiny_gpt(seed=1).eval()
     prompts = [[10 + i] * (1 + i % 3) for i in range(7)]
-    whole, _ = evaluate_policy(policy, reference, FakeRewardModel(), prompts, 5, 8, seed=0)
+    whole, _ = evaluate_policy(policy, reference, FakeClassifier(), FakeClassifier(0), prompts, 5, 8, seed=0)
     monkeypatch.setattr(evaluate, "KL_ROWS", 2)
-    chunked, _ = evaluate_policy(policy, reference, FakeRewardModel(), prompts, 5, 8, seed=0)
+    chunked, _ = evaluate_policy(policy, reference, FakeClassifier(), FakeClassifier(0), prompts, 5, 8, seed=0)
     assert whole["kl"] > 0.01
-    assert chunked["kl"] == pytest.approx(whole["kl"], rel=1e-6) and chunked["reward"] == whole["reward"]
+    # the same numbers up to float32 rounding: each chunk left-pads to its own longest prompt
+    assert chunked["kl"] == pytest.approx(whole["kl"], rel=1e-5) and chunked["reward"] == whole["reward"]
 
 
 def test_a_kl_that_rounds_to_zero_reads_zero_not_minus_zero():
@@ -112,33 +176,6 @@ def test_pair_builder_gives_six_pairs_from_four_completions_chosen_higher():
     for p in pairs:
         assert p["chosen_reward"] >= p["rejected_reward"]
         assert rewards[p["chosen_ids"][0] - 1] == p["chosen_reward"] and p["prompt_ids"] == [7, 8]
-
-
-def test_reward_model_learns_a_separable_task_and_scores_are_probabilities(tmp_path):
-    """Reviews with token 5 are positive, with token 6 negative; the classifier must learn it."""
-    rng = np.random.default_rng(0)
-
-    def split(n):
-        labels = np.arange(n) % 2
-        docs = [list(rng.integers(10, 40, size=int(rng.integers(6, 12)))) for _ in range(n)]
-        for doc, label in zip(docs, labels):
-            doc[int(rng.integers(0, len(doc)))] = 5 if label else 6
-        offsets = np.concatenate([[0], np.cumsum([len(d) + 1 for d in docs])])
-        tokens = np.array([t for d in docs for t in d + [EOT]], dtype=np.uint16)
-        return TokenizedSplit(tokens, offsets, labels)
-
-    imdb = {"train": split(2048), "test": split(128)}
-    model = tiny_gpt(block_size=16)
-    save_tiny_checkpoint(tmp_path / "sft.pt", model)
-    cfg = RewardConfig(sft=str(tmp_path / "sft.pt"), out=str(tmp_path), max_len=16, min_len=12, batch_size=32,
-                       max_steps=100, lr=2e-3, warmup_steps=5, test_reviews=0, log_interval=40, device="cpu")
-    path, accuracy = train_reward(cfg, imdb)
-    assert accuracy >= 0.9
-    reward_model = RewardModel(model.config)
-    load_state(reward_model, torch.load(path, weights_only=True)["model"], path)
-    scores = reward_model.eval().score([imdb["test"].review(i).tolist() for i in range(20)])
-    assert np.all((scores >= 0) & (scores <= 1))
-    assert np.mean((scores > 0.5) == (imdb["test"].labels[:20] == 1)) >= 0.9
 
 
 def run_train(args, cwd, kill_when=None):
@@ -158,19 +195,22 @@ def run_train(args, cwd, kill_when=None):
 def test_smoke_pipeline_writes_results_and_resumes_after_a_kill(tmp_path, tiny_imdb):
     out = tmp_path / "run"
     args = ["--preset", "smoke", "--data", tiny_imdb, "--no-data-verify", "--out", str(out), "--device", "cpu"]
-    code, log = run_train(args, tmp_path, kill_when=out / "pairs.jsonl")
+    code, log = run_train(args, tmp_path, kill_when=out / "judge_log.jsonl")  # the judge stage, after pairs
     assert code == -signal.SIGKILL, log[-2000:]
     assert not (out / "results.jsonl").exists()
     code, log = run_train(args, tmp_path)
     assert code == 0, log[-3000:]
     for stage in ("sft", "reward", "pairs"):
         assert f"=== {stage}: done already" in log
+    assert "=== judge: done already" not in log  # killed while it trained
     rows = read_jsonl(out / "results.jsonl")
     assert {r["method"] for r in rows} == {"SFT", "Preferred-FT", "DPO"}
     assert {r["beta"] for r in rows if r["method"] == "DPO"} == {0.1, 1.0}
     for r in rows:
-        assert set(r) >= {"method", "beta", "step", "kl", "reward", "wall_time"}
-        assert 0 <= r["reward"] <= 1 and r["kl"] >= -1e-6
+        assert set(r) >= {"method", "beta", "step", "n", "kl", "kl_se", "reward", "reward_se", "judge", "judge_se",
+                          "distinct", "reference_logp", "wall_time"}
+        assert 0 <= r["reward"] <= 1 and 0 <= r["judge"] <= 1 and r["kl"] >= -1e-6 and r["n"] == 8
+        assert ("implicit_acc_heldout" in r and "implicit_acc_train" in r) == (r["method"] == "DPO")
     dpo_steps = sorted(r["step"] for r in rows if r["method"] == "DPO" and r["beta"] == 0.1)
     assert dpo_steps == [0, 3, 6]  # eval_interval 3 of the smoke preset, 6 steps
     assert next(r for r in rows if r["method"] == "SFT")["kl"] == 0.0
@@ -181,16 +221,47 @@ def test_smoke_pipeline_writes_results_and_resumes_after_a_kill(tmp_path, tiny_i
     assert len(pairs) == 6 * 16
     assert all(p["chosen_reward"] >= p["rejected_reward"] for p in pairs)
     times = json.load(open(out / "stage_times.json"))
-    assert {"sft", "reward", "sft_point", "preferred_ft", "dpo_beta0.1", "dpo_beta1", "report"} <= set(times)  # pairs' time may die with the kill
+    assert {"sft", "reward", "judge", "sft_point", "preferred_ft", "dpo_beta0.1", "dpo_beta1", "report"} <= set(times)  # pairs' time may die with the kill
     assert times["sft"]["sft_tok_per_s"] > 0 and times["dpo_beta0.1"]["dpo_pairs_per_s"] > 0
     assert times["preferred_ft"]["preferred_ft_tok_per_s"] > 0
-    assert times["reward"]["reward_reviews_per_s"] > 0 and 0 <= times["reward"]["reward_test_accuracy"] <= 1
+    for name in ("reward", "judge"):
+        assert times[name][f"{name}_reviews_per_s"] > 0
+        assert all(0 <= times[name][f"{name}_acc_{n}"] <= 1 for n in ("32", "64", "full"))
     samples = (out / "report.md").read_text().split("```\n")[1]  # the fenced block: the same prefixes before and after DPO
     before, after = samples.split("SFT\n", 1)[1].split("DPO beta=0.1\n")
 
     def prefixes(block):  # lines "[reward] prefix|completion"
         return [line.split("|")[0][len("[0.00] "):] for line in block.strip().splitlines()]
     assert len(prefixes(before)) == 5 and prefixes(before) == prefixes(after)
+
+    # the held-out pairs: their prompts open test reviews, and none is a training prefix
+    test = load_imdb(tiny_imdb, cache_dir=str(tmp_path / "data" / "cache"), verify=False)["test"]
+    openings = {tuple(test.review(i)[:n].tolist()) for i in range(len(test)) for n in range(2, 9)}
+    heldout = read_jsonl(out / "heldout_pairs.jsonl")
+    assert heldout and all(tuple(p["prompt_ids"]) in openings for p in heldout)
+    assert not {tuple(p["prompt_ids"]) for p in heldout} & {tuple(p["prompt_ids"]) for p in pairs}
+
+    # the second judge never trains or selects anything: another judge (its logit negated) changes
+    # the judge column alone, not one weight of any trained policy, nor any reward or KL
+    def trained_weights():
+        return {run: torch.load(out / run / f"{name}.pt", weights_only=True)["model"]
+                for run, name in (("dpo_beta0.1", "dpo"), ("dpo_beta1", "dpo"), ("preferred_ft", "preferred_ft"))}
+    weights_before, rows_before = trained_weights(), read_jsonl(out / "results.jsonl")
+    judge = torch.load(out / "judge.pt", weights_only=True)
+    judge["model"] = {k: -v if k.startswith("head.") else v for k, v in judge["model"].items()}
+    torch.save(judge, out / "judge.pt")
+    code, log = run_train(args + ["--stage", "methods", "--force"], tmp_path)
+    assert code == 0, log[-3000:]
+    code, log = run_train(args + ["--stage", "report"], tmp_path)
+    assert code == 0, log[-3000:]
+    rows_after = read_jsonl(out / "results.jsonl")
+    assert [(r["method"], r["beta"], r["step"]) for r in rows_after] == [(r["method"], r["beta"], r["step"]) for r in rows_before]
+    for before, after in zip(rows_before, rows_after):
+        assert after["reward"] == before["reward"] and after["kl"] == before["kl"]
+        assert after.get("implicit_acc_heldout") == before.get("implicit_acc_heldout")
+        assert after["judge"] == pytest.approx(1 - before["judge"], abs=1e-6)  # sigmoid(-z) = 1 - sigmoid(z)
+    for run, state in trained_weights().items():
+        assert all(torch.equal(state[k], weights_before[run][k]) for k in state), run
 
     # --methods picks methods: --force redoes only the chosen one, and the report shows only the chosen ones
     dpo_done = (out / "dpo_beta0.1" / "dpo.pt").stat().st_mtime_ns

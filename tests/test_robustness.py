@@ -190,8 +190,11 @@ def test_scripts_chain_through_their_default_paths(tmp_path, tiny_imdb):
 
     script("sft.py", "--preset", "smoke", "--no-data-verify", "--max-steps", "2")
     assert "--- sample 3" in script("sample.py")  # no flags at all: out/sft/sft.pt, 4 samples
-    script("reward.py", "--no-data-verify", "--max-steps", "2", "--batch-size", "4", "--test-reviews", "8")
+    script("reward.py", "--no-data-verify", "--max-steps", "2", "--batch-size", "4", "--test-reviews", "8", "--bits", "16")
     assert (tmp_path / "out" / "reward" / "reward.pt").exists()
+    script("reward.py", "--no-data-verify", "--kind", "gpt", "--name", "judge", "--max-steps", "2", "--batch-size", "4",
+           "--test-reviews", "8")  # the trunk classifier starts from out/sft/sft.pt
+    assert (tmp_path / "out" / "reward" / "judge.pt").exists()
     with open(tmp_path / "pairs.jsonl", "w") as f:
         for i in range(4):
             f.write(json.dumps({"prompt": f"Review {i}:", "chosen": " a delight.", "rejected": " a bore."}) + "\n")
@@ -202,7 +205,7 @@ def test_scripts_chain_through_their_default_paths(tmp_path, tiny_imdb):
 # ---------------------------------------------------------------------------- the contract for bad input
 # Bad input -> exit code 2, one line on stderr, no traceback, and every earlier output byte-identical.
 # Checked against a finished (very short) smoke run of train.py.
-SHORT = ["--preset", "smoke", "--no-data-verify", "--device", "cpu", "--sft-steps", "4", "--reward-steps", "4",
+SHORT = ["--preset", "smoke", "--no-data-verify", "--device", "cpu", "--sft-steps", "4", "--reward-steps", "4", "--judge-steps", "4",
          "--dpo-steps", "2", "--pft-steps", "2", "--betas", "0.1", "--eval-interval", "2"]
 
 
@@ -246,7 +249,8 @@ def assert_one_line_error(result, message):
     (["--betas", "inf"], "every beta must be finite"),
     (["--dpo-lr", "nan"], "--dpo-lr must be finite"),
     (["--betas", "0.1,0.1"], "names the same beta twice"),
-    (["--reward-max-len", "100"], "exceeds the model's context"),
+    (["--judge-max-len", "100"], "exceeds the model's context"),
+    (["--reward-bits", "40"], "bits in 8..28"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["--stage", "report", "--dpo-steps", "12"], "dpo_beta0.1 is not done with these settings; run --stage methods"),
     (["--stage", "pairs", "--sft-steps", "5"], "holds no sft stage done with these settings; run --stage sft"),
@@ -292,7 +296,7 @@ def test_the_same_run_under_another_spelling_or_moved_continues(finished_run, tm
     shutil.copytree(out, moved)
     result = train_py(args + ["--out", str(moved)], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    for name in ("sft", "reward", "pairs", "sft_point", "preferred_ft", "dpo_beta0.1"):
+    for name in ("sft", "reward", "pairs", "judge", "sft_point", "preferred_ft", "dpo_beta0.1"):
         assert f"=== {name}: done already with these settings" in result.stdout
     assert read_jsonl(moved / "results.jsonl") == read_jsonl(out / "results.jsonl")
 
@@ -313,8 +317,15 @@ def test_a_changed_setting_redoes_exactly_what_depends_on_it(finished_run, tmp_p
     new_dpo = [r for r in read_jsonl(run / "results.jsonl") if r["method"] == "DPO" and r["step"] == 2]
     assert len(new_dpo) == 1 and new_dpo[0]["kl"] != old_dpo[0]["kl"]
     assert json.loads((run / "settings.json").read_text())["dpo_beta0.1"]["settings"]["dpo_lr"] == 0.01
+    # the judge only evaluates: a change to it redoes the judge and the evaluations, never the pairs
+    result = train_py(args + ["--dpo-lr", "0.01", "--judge-steps", "5"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in ("sft", "reward", "pairs"):
+        assert f"=== {name}: done already with these settings" in result.stdout
+    assert "judge was made with other settings (judge_steps 4 -> 5)" in result.stdout
+    assert "done already" not in result.stdout.split("=== judge")[1]
     # an upstream change (the pairs) redoes the pairs and every method after them
-    result = train_py(args + ["--dpo-lr", "0.01", "--n-prefixes", "12"], tmp_path)
+    result = train_py(args + ["--dpo-lr", "0.01", "--judge-steps", "5", "--n-prefixes", "12"], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "=== sft: done already" in result.stdout and "=== reward: done already" in result.stdout
     assert "pairs was made with other settings (n_prefixes 16 -> 12)" in result.stdout

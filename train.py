@@ -62,6 +62,8 @@ class Run:
         train = {tuple(p) for p in self.train_prompts}
         self.heldout_prompts = [p for p in self.prefixes("test", cfg.heldout_prefixes, cfg.seed + 2, "--heldout-prefixes")
                                 if tuple(p) not in train]
+        if not self.heldout_prompts:
+            raise UserError(f"all {cfg.heldout_prefixes} held-out test prefixes equal training prefixes; raise --heldout-prefixes")
         for flag, n in (("--reward-test-reviews", cfg.reward_test_reviews), ("--judge-test-reviews", cfg.judge_test_reviews)):
             if n > len(imdb["test"]):
                 raise UserError(f"{flag} {n} exceeds the {len(imdb['test'])} test reviews")

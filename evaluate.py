@@ -42,17 +42,23 @@ def distinct_ratio(completion):
     return len(set(completion)) / max(1, len(completion))
 
 
+def prompt_completion_rows(prompts, completions, device):
+    """Rows prompt + completion, left-padded: ids and attention mask (B, T), and the response mask
+    (B, T) marking each completion's tokens, which end every row."""
+    ids, mask = left_pad([p + c for p, c in zip(prompts, completions)], device=device)
+    response_mask = torch.zeros_like(mask)
+    for row, c in enumerate(completions):
+        response_mask[row, ids.shape[1] - len(c):] = 1
+    return ids, mask, response_mask
+
+
 @torch.no_grad()
 def completion_logps(model, prompts, completions, batch_size=KL_ROWS):
     """log pi(y | x) of each completion after its prompt, summed over the completion's tokens: (N,) float64 numpy."""
     device = next(model.parameters()).device
     out = [torch.zeros(0, dtype=torch.float64)]
     for i in range(0, len(prompts), batch_size):
-        sequences = [p + c for p, c in zip(prompts[i:i + batch_size], completions[i:i + batch_size])]
-        ids, mask = left_pad(sequences, device=device)
-        response_mask = torch.zeros_like(mask)
-        for row, c in enumerate(completions[i:i + batch_size]):
-            response_mask[row, ids.shape[1] - len(c):] = 1  # left padding: the completion ends every row
+        ids, mask, response_mask = prompt_completion_rows(prompts[i:i + batch_size], completions[i:i + batch_size], device)
         with autocast(device.type):
             out.append(sequence_logps(model(ids, mask), ids, response_mask).double().cpu())
     return torch.cat(out).numpy()
@@ -73,10 +79,7 @@ def evaluate_policy(policy, reference, reward_model, judge, prompts, max_new_tok
     completions = generate(policy, prompts, max_new_tokens, stop_at_eot=False, generator=generator, batch_size=batch_size)
     kls, reference_logps = [], []
     for i in range(0, len(prompts), KL_ROWS):
-        sequences = [p + c for p, c in zip(prompts[i:i + KL_ROWS], completions[i:i + KL_ROWS])]
-        ids, mask = left_pad(sequences, device=device)  # same prompt lengths per row: completions are fixed length
-        response_mask = torch.zeros_like(mask)
-        response_mask[:, -max_new_tokens:] = 1
+        ids, mask, response_mask = prompt_completion_rows(prompts[i:i + KL_ROWS], completions[i:i + KL_ROWS], device)
         with autocast(device.type):
             reference_logits = reference(ids, mask)
             kls.append(sequence_kl(policy(ids, mask), reference_logits, response_mask).cpu())

@@ -90,10 +90,10 @@ class NgramClassifier(nn.Module):
         """Logit of P(positive) (B,) for a list of token lists."""
         word_table = self.words.cpu().numpy()  # the hashing runs on the CPU, wherever the weights are
         grams = [self.ngrams(s, word_table) for s in sequences]
-        counts = torch.tensor([max(1, len(g)) for g in grams], dtype=torch.float32)
+        lengths = torch.tensor([len(g) for g in grams], dtype=torch.long)
         flat = torch.from_numpy(np.concatenate([np.zeros(0, np.int64)] + grams))
-        offsets = torch.tensor([0] + [len(g) for g in grams[:-1]]).cumsum(0)
-        scale = (1 / counts.sqrt()).repeat_interleave(torch.tensor([len(g) for g in grams]))
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths[:-1]]).cumsum(0)  # where each text's n-grams start
+        scale = (1 / lengths.clamp(min=1).float().sqrt()).repeat_interleave(lengths)
         device = self.bias.device
         return self.table(flat.to(device), offsets.to(device), per_sample_weights=scale.to(device)).squeeze(-1) + self.bias
 

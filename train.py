@@ -446,7 +446,7 @@ PRESETS = {
                   judge_test_reviews=32, n_prefixes=16, heldout_prefixes=8, max_new_tokens=12,
                   betas="0.1,1", dpo_steps=6, dpo_batch_size=8, dpo_micro_batch_size=4, dpo_lr=1e-4,
                   dpo_warmup_steps=2, pft_steps=4, eval_interval=3, eval_prefixes=8),
-    "cpu": dict(),  # the defaults above: about 15 minutes on a 2-core CPU
+    "cpu": dict(),  # the defaults above: 18.5 minutes on the 2-core box of the README's CPU results
     "gpu": dict(n_layer=12, n_head=12, n_embd=768, block_size=256, sft_steps=1500, sft_batch_size=64, sft_grad_accum=2,
                 sft_lr=6e-4, judge_steps=800, judge_batch_size=64, judge_lr=1e-4, judge_max_len=256,
                 judge_test_reviews=0, n_prefixes=25_000, heldout_prefixes=1000, max_new_tokens=48, sample_batch_size=1024,

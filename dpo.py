@@ -27,23 +27,29 @@ from optim import add_metrics, adamw, apply_gradients, batch_indices
 from progress import Progress
 
 # a checkpoint continues only the run these settings define
-RESUME_FIELDS = ("sft", "pairs", "beta", "loss_type", "label_smoothing", "batch_size", "optimizer", "lr",
+RESUME_FIELDS = ("sft", "pairs", "beta", "loss_type", "alpha", "label_smoothing", "batch_size", "optimizer", "lr",
                  "warmup_steps", "max_length", "append_eot", "seed")
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "unlikelihood")
 
 
 # ---------------------------------------------------------------------------- the math
+def token_logps(logits, tokens):
+    """log pi(tokens[t] | tokens[<t]) for t = 1..T-1: (B, T-1), in float32 or better (float64 logits
+    stay float64). logits (B, T, V) with logits[:, t] predicting tokens[:, t + 1]."""
+    logits = logits[:, :-1]  # (B, T-1, V): position t-1 predicts token t
+    targets = tokens[:, 1:]  # (B, T-1)
+    # log_softmax(z)[y] = z[y] - logsumexp(z): one float32 (B, T-1, V) temporary, not two
+    dtype = torch.promote_types(logits.dtype, torch.float32)  # bf16 -> float32; float64 stays
+    target_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).to(dtype)
+    return target_logits - torch.logsumexp(logits.to(dtype), dim=-1)
+
+
 def sequence_logps(logits, tokens, response_mask):
     """log pi(y|x) = sum over response positions t of log pi(tokens[t] | tokens[<t]).
     logits (B, T, V) with logits[:, t] predicting tokens[:, t + 1]; response_mask (B, T) marks the
     response tokens. Returns (B,) in float32 or better (float64 logits stay float64)."""
-    logits = logits[:, :-1]  # (B, T-1, V): position t-1 predicts token t
-    targets = tokens[:, 1:]  # (B, T-1)
     mask = response_mask[:, 1:].bool()  # token 0 has no prediction; it is always prompt
-    # log_softmax(z)[y] = z[y] - logsumexp(z): one float32 (B, T-1, V) temporary, not two
-    dtype = torch.promote_types(logits.dtype, torch.float32)  # bf16 -> float32; float64 stays
-    target_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).to(dtype)
-    token_logps = target_logits - torch.logsumexp(logits.to(dtype), dim=-1)  # (B, T-1)
-    return torch.where(mask, token_logps, 0.0).sum(-1)
+    return torch.where(mask, token_logps(logits, tokens), 0.0).sum(-1)
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
@@ -70,6 +76,18 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     chosen_rewards = beta * chosen_logratios.detach()
     rejected_rewards = beta * rejected_logratios.detach()
     return losses, chosen_rewards, rejected_rewards
+
+
+def unlikelihood_loss(chosen_token_logps, rejected_token_logps, chosen_mask, rejected_mask, alpha):
+    """The paper's Unlikelihood baseline (Welleck et al. 2019) on preference pairs, per pair (B,):
+        L = -mean_t log pi(y_w,t | x, y_w,<t) - alpha * mean_t log(1 - pi(y_l,t | x, y_l,<t))
+    Token log-probs (B, T-1) as token_logps returns them; masks (B, T-1) mark each response's tokens.
+    No reference model: only the likelihood term holds the policy to fluent text."""
+    chosen_nll = -torch.where(chosen_mask, chosen_token_logps, 0.0).sum(-1) / chosen_mask.sum(-1)
+    # log(1 - p) = log(-expm1(log p)): exact for small p; floored at 1e-6 as p -> 1 (no gradient there)
+    log_one_minus_p = torch.log((-torch.expm1(rejected_token_logps)).clamp_min(1e-6))
+    unlikelihood = -torch.where(rejected_mask, log_one_minus_p, 0.0).sum(-1) / rejected_mask.sum(-1)
+    return chosen_nll + alpha * unlikelihood
 
 
 # ---------------------------------------------------------------------------- preference data
@@ -190,7 +208,8 @@ class DPOConfig:
     out: str = field(default="out/dpo", metadata={"help": "run folder for checkpoint and log"})
     name: str = field(default="dpo", metadata={"help": "checkpoint is OUT/NAME.pt, log OUT/NAME_log.jsonl"})
     beta: float = field(default=0.1, metadata={"help": "KL strength beta (paper: 0.1)"})
-    loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (Eq. 7) | ipo | hinge"})
+    loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (Eq. 7) | ipo | hinge | unlikelihood (a baseline; no reference)"})
+    alpha: float = field(default=1.0, metadata={"help": "unlikelihood: weight of the unlikelihood term (paper: 0.05-1)"})
     label_smoothing: float = field(default=0.0, metadata={"help": "conservative DPO: probability a label is flipped"})
     batch_size: int = field(default=64, metadata={"help": "pairs per optimizer step (paper: 64)"})
     micro_batch_size: int = field(default=64, metadata={"help": "pairs per forward pass (gradient accumulation)"})
@@ -213,7 +232,8 @@ class DPOConfig:
 
     def validate(self):
         check(self.beta > 0, f"--beta must be > 0, got {self.beta}")
-        check(self.loss_type in ("sigmoid", "ipo", "hinge"), f"--loss-type must be sigmoid, ipo or hinge, got {self.loss_type!r}")
+        check(self.loss_type in LOSS_TYPES, f"--loss-type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
+        check(self.alpha >= 0, f"--alpha must be >= 0, got {self.alpha}")
         check(0 <= self.label_smoothing < 0.5, f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}")
         check(self.batch_size > 0 and self.micro_batch_size > 0, "--batch-size and --micro-batch-size must be positive")
         check(self.batch_size % self.micro_batch_size == 0,
@@ -236,27 +256,33 @@ def dpo_step(policy, optimizer, micro_batches, reference, cfg, max_length, lr, s
     for pairs, precomputed in micro_batches:
         tokens, response_mask = collate(pairs, max_length, device, cfg.append_eot)  # (2B, T): [chosen; rejected]
         with autocast(device.type):
-            policy_chosen, policy_rejected = concatenated_logps(forward, tokens, response_mask)  # log pi(y|x), (B,) each
-            if precomputed is not None:
-                ref_chosen, ref_rejected = precomputed.to(device).unbind(1)
+            if cfg.loss_type == "unlikelihood":  # token by token, and no reference
+                policy_token_logps = token_logps(forward(tokens), tokens)  # (2B, T-1)
+                mask = response_mask[:, 1:]  # (2B, T-1)
+                losses = unlikelihood_loss(*policy_token_logps.chunk(2), *mask.chunk(2), cfg.alpha)
+                policy_chosen, policy_rejected = torch.where(mask, policy_token_logps.detach(), 0.0).sum(-1).chunk(2)
+                step_metrics = {}
             else:
-                with torch.no_grad():
-                    ref_chosen, ref_rejected = concatenated_logps(reference, tokens, response_mask)  # log pi_ref(y|x)
-            losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-                                                                cfg.beta, cfg.label_smoothing, cfg.loss_type)  # Eq. 7
+                policy_chosen, policy_rejected = concatenated_logps(forward, tokens, response_mask)  # log pi(y|x), (B,) each
+                if precomputed is not None:
+                    ref_chosen, ref_rejected = precomputed.to(device).unbind(1)
+                else:
+                    with torch.no_grad():
+                        ref_chosen, ref_rejected = concatenated_logps(reference, tokens, response_mask)  # log pi_ref(y|x)
+                losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                                                                    cfg.beta, cfg.label_smoothing, cfg.loss_type)  # Eq. 7
+                step_metrics = {"rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
+                                "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+                                "rewards/margins": (chosen_rewards - rejected_rewards).mean()}
         loss = losses.mean()
         (loss / len(micro_batches)).backward()  # the step's gradient is the mean over its micro-batches
-        add_metrics(metrics, {
-            "loss": loss, "rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-            "logps/chosen": policy_chosen.detach().mean(), "logps/rejected": policy_rejected.detach().mean()},
-            len(micro_batches))
+        add_metrics(metrics, {"loss": loss, **step_metrics, "logps/chosen": policy_chosen.detach().mean(),
+                              "logps/rejected": policy_rejected.detach().mean()}, len(micro_batches))
     return apply_gradients(policy, optimizer, metrics, lr, cfg.grad_clip, step)
 
 
 def train_dpo(cfg, pairs=None, evaluate=None):
-    """DPO from the SFT checkpoint (policy init and frozen reference). evaluate(step, policy) -> dict
+    """DPO (or the Unlikelihood baseline) from the SFT checkpoint (policy init and frozen reference). evaluate(step, policy) -> dict
     is called at step 0, every eval_interval steps and at the end. Resumes from OUT/NAME.pt."""
     device = setup_device(cfg.device)
     check_divisible(cfg.micro_batch_size, "--micro-batch-size")
@@ -265,7 +291,8 @@ def train_dpo(cfg, pairs=None, evaluate=None):
     if max_length > policy.config.block_size:
         raise UserError(f"--max-length {max_length} exceeds the model's context of {policy.config.block_size}")
     pairs = pairs if pairs is not None else read_pairs(cfg.pairs, max_length, cfg.skip_bad_lines)
-    reference = load_model(cfg.sft).to(device).eval().requires_grad_(False)
+    needs_reference = cfg.loss_type != "unlikelihood"
+    reference = load_model(cfg.sft).to(device).eval().requires_grad_(False) if needs_reference else None
     policy.train()  # dropout is 0 in both: the log-probs of the policy and the reference are deterministic
     total = cfg.max_steps or max(1, int(cfg.epochs * len(pairs) / cfg.batch_size))
     if cfg.optimizer == "rmsprop":
@@ -276,7 +303,7 @@ def train_dpo(cfg, pairs=None, evaluate=None):
     step, _ = resume(ckpt_path, "dpo", cfg, RESUME_FIELDS, policy, optimizer)
 
     precomputed = None
-    if cfg.precompute_ref:
+    if cfg.precompute_ref and needs_reference:
         t0 = time.time()
         precomputed = reference_logps(reference, pairs, cfg.micro_batch_size, max_length, device, cfg.append_eot)
         reference = None  # the reference model is no longer needed in memory
@@ -284,7 +311,7 @@ def train_dpo(cfg, pairs=None, evaluate=None):
 
     forward = data_parallel(policy, device)  # under torchrun; the policy itself otherwise
     progress = Progress(cfg.name, total, os.path.join(cfg.out, f"{cfg.name}_log.jsonl"), unit="pairs", start_step=step)
-    show = ("loss", "rewards/accuracies", "rewards/margins", "grad_norm")
+    show = ("loss", "rewards/accuracies", "rewards/margins", "grad_norm") if needs_reference else ("loss", "logps/chosen", "logps/rejected", "grad_norm")
     if evaluate and step == 0:
         progress.record({"step": 0, **evaluate(0, policy)})
     n_micro = cfg.batch_size // cfg.micro_batch_size

@@ -67,35 +67,48 @@ def completion_logps(model, prompts, completions, batch_size=KL_ROWS):
 @torch.no_grad()
 def evaluate_policy(policy, reference, reward_model, judge, prompts, max_new_tokens, batch_size, seed):
     """One frontier point: one completion per prompt (temperature 1, full vocabulary, fixed length),
-    scored by the reward model and by the second judge, and the sequence KL to the reference.
-    Returns the point (n, means and standard errors, and the degeneration signals: the distinct-token
-    ratio and the mean per-token log-prob under the reference) and this rank's completions (under
-    torchrun each rank samples a share of the prompts; the point is over all of them)."""
+    scored by score_completions with the sequence KL of the policy to the reference. Returns the
+    point and this rank's completions (under torchrun each rank samples a share of the prompts)."""
     policy_was_training = policy.training
     policy.eval()
     device = next(policy.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed + rank())
     prompts = local_slice(prompts)
     completions = generate(policy, prompts, max_new_tokens, stop_at_eot=False, generator=generator, batch_size=batch_size)
+    point = score_completions(prompts, completions, reference, reward_model, judge, policy=policy)
+    policy.train(policy_was_training)
+    return point, completions
+
+
+@torch.no_grad()
+def score_completions(prompts, completions, reference, reward_model, judge, policy=None, kl=None):
+    """The point of completions of equal length (this rank's share; the point is over all ranks'):
+    n, the mean and standard error of the reward, of the second judge and of the KL, and the
+    degeneration signals: the distinct-token ratio and the mean per-token log-prob under the
+    reference. The KL is the sequence KL of `policy` to the reference, or, without a policy
+    (Best-of-N), the given value for every sample."""
+    device = next(reference.parameters()).device
+    length = len(completions[0]) if completions else 1
     kls, reference_logps = [], []
     for i in range(0, len(prompts), KL_ROWS):
         ids, mask, response_mask = prompt_completion_rows(prompts[i:i + KL_ROWS], completions[i:i + KL_ROWS], device)
         with autocast(device.type):
             reference_logits = reference(ids, mask)
-            kls.append(sequence_kl(policy(ids, mask), reference_logits, response_mask).cpu())
-            reference_logps.append(sequence_logps(reference_logits, ids, response_mask).cpu() / max_new_tokens)
+            if policy is not None:
+                kls.append(sequence_kl(policy(ids, mask), reference_logits, response_mask).cpu())
+            reference_logps.append(sequence_logps(reference_logits, ids, response_mask).cpu() / length)
     texts = [p + c for p, c in zip(prompts, completions)]
     samples = {"reward": reward_model.score(texts).tolist(), "judge": judge.score(texts).tolist(),
-               "kl": torch.cat(kls + [torch.zeros(0)]).tolist(), "distinct": [distinct_ratio(c) for c in completions],
+               "kl": torch.cat(kls + [torch.zeros(0)]).tolist() if policy is not None else [float(kl)] * len(texts),
+               "distinct": [distinct_ratio(c) for c in completions],
                "reference_logp": torch.cat(reference_logps + [torch.zeros(0)]).tolist()}
     samples = {k: np.array(gather(v)) for k, v in samples.items()}  # every rank's share
-    policy.train(policy_was_training)
     point = {"n": len(samples["reward"])}
     for k, v in samples.items():
         point[k] = float(v.mean())
         if k in ("reward", "judge", "kl"):
             point[k + "_se"] = standard_error(v)
-    return point, completions
+    return point
 
 
 def implicit_reward_accuracy(policy_logps, reference_logps, beta):
@@ -124,7 +137,8 @@ class PairScorer:
 
 class Evaluator:
     """Every method's evaluation on the same held-out prefixes, with the same reference, reward model
-    and judge: evaluator(policy, method, beta, step, log_path) appends one frontier point to log_path.
+    and judge: evaluator(policy, method, setting, step, log_path) appends one frontier point to
+    log_path; evaluator.record(...) does so for completions made another way (Best-of-N).
     evaluator.implicit(policy, beta) measures DPO's implicit reward on held-out and training pairs."""
 
     def __init__(self, reference, reward_model, judge, prompts, max_new_tokens, batch_size, seed, preference_sets):
@@ -132,6 +146,7 @@ class Evaluator:
         self.max_new_tokens, self.batch_size, self.seed = max_new_tokens, batch_size, seed
         self.scorers = {name: PairScorer(pairs) for name, pairs in preference_sets.items()}
         self.reference_logps = {}  # computed on first use: the reference is fixed
+        self.sft_point = None
         self.t0 = time.time()
 
     def implicit(self, policy, beta):
@@ -143,17 +158,27 @@ class Evaluator:
             result[f"implicit_acc_{name}"] = implicit_reward_accuracy(scorer.logps(policy), self.reference_logps[name], beta)
         return result
 
-    def __call__(self, policy, method, beta, step, log_path, implicit=False):
-        point, completions = evaluate_policy(policy, self.reference, self.reward_model, self.judge, self.prompts,
-                                             self.max_new_tokens, self.batch_size, seed=self.seed)
-        if implicit:
-            point.update(self.implicit(policy, beta))
-        append_jsonl(log_path, {"method": method, "beta": beta, "step": step, **point, "wall_time": time.time() - self.t0})
+    def __call__(self, policy, method, setting, step, log_path, implicit_beta=None):
+        """Sample the policy's point; with implicit_beta, also its implicit-reward accuracies (DPO).
+        Every method starts from the SFT model, so every step-0 point is the SFT point: sampled once."""
+        if step == 0 and self.sft_point is not None:
+            point = dict(self.sft_point)
+        else:
+            point, _ = evaluate_policy(policy, self.reference, self.reward_model, self.judge, self.prompts,
+                                       self.max_new_tokens, self.batch_size, seed=self.seed)
+            self.sft_point = dict(point) if step == 0 else self.sft_point
+        if implicit_beta is not None:
+            point.update(self.implicit(policy, implicit_beta))
+        return self.record(point, method, setting, step, log_path)
+
+    def record(self, point, method, setting, step, log_path):
+        """Append a point as a row {method, setting, step, ...} to log_path, print it, and return it."""
+        append_jsonl(log_path, {"method": method, "setting": setting, "step": step, **point, "wall_time": time.time() - self.t0})
         shown = "".join(f" | {k} {v:.3f}" for k, v in point.items() if k.startswith("implicit"))
-        print0(f"eval {method} beta={beta} step {step}: reward {point['reward']:.3f} ± {point['reward_se']:.3f} | "
+        print0(f"eval {method} {setting} step {step}: reward {point['reward']:.3f} ± {point['reward_se']:.3f} | "
                f"judge {point['judge']:.3f} ± {point['judge_se']:.3f} | kl {shown_kl(point['kl'], 3)} | "
                f"distinct {point['distinct']:.2f} | ref logp {point['reference_logp']:.2f}{shown}")
-        return point, completions
+        return point
 
 
 def shown_kl(kl, digits):
@@ -163,23 +188,20 @@ def shown_kl(kl, digits):
 
 
 def plot_frontier(rows, path):
-    """Reward vs KL, one series per method (and beta), like the paper's Figure 2 (left), with error
-    bars of one standard error; beside it the same points scored by the second judge."""
+    """Reward vs KL, one colour per method, like the paper's Figure 2 (left), with error bars of one
+    standard error; beside it the same points scored by the second judge."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    series = {}
-    for row in rows:
-        label = row["method"] if row.get("beta") is None else f"{row['method']} beta={row['beta']:g}"
-        series.setdefault(label, []).append(row)
+    methods = list(dict.fromkeys(row["method"] for row in rows))  # in the order they come
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
     for ax, key, title in ((axes[0], "reward", "ground-truth reward (n-gram classifier)"),
                            (axes[1], "judge", "second judge (GPT-trunk classifier)")):
-        for label, points in sorted(series.items()):
-            points = sorted(points, key=lambda r: r["kl"])
+        for method in methods:  # one colour per method, every setting and evaluation a point, as in Figure 2
+            points = [r for r in rows if r["method"] == method]
             style = dict(marker="*", markersize=12, zorder=3) if len(points) == 1 else dict(marker="o", markersize=4, alpha=0.8)
             ax.errorbar([r["kl"] for r in points], [r[key] for r in points], yerr=[r[key + "_se"] for r in points],
-                        label=label, capsize=2, linestyle="none", **style)
+                        label=method, capsize=2, linestyle="none", **style)
         ax.set_xlabel("KL(pi || pi_ref)  [nats, sum over generated tokens]")
         ax.set_ylabel(f"mean {key}  P(positive)")
         ax.set_title(title, fontsize=10)

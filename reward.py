@@ -133,27 +133,43 @@ class GPTClassifier(nn.Module):
         return self.head(pooled).squeeze(-1)
 
     @torch.no_grad()
-    def score(self, sequences, batch_size=256):
-        """P(positive | tokens) for each token list (cut to the context), as a float64 numpy array in [0, 1]."""
+    def logits(self, sequences, batch_size=256):
+        """The logit of each token list (cut to the context), as a float64 numpy array. For the
+        Bradley-Terry reward model of RLHF (bradley_terry.py) it is the reward r(x, y) itself."""
         device = next(self.parameters()).device
         limit = self.gpt.config.block_size
         out = [torch.zeros(0)]
         for i in range(0, len(sequences), batch_size):
             ids, mask = left_pad([s[:limit] for s in sequences[i:i + batch_size]], device=device)
             with autocast(device.type):
-                out.append(torch.sigmoid(self(ids, mask).float()).cpu())
+                out.append(self(ids, mask).float().cpu())
         return torch.cat(out).double().numpy()
+
+    def score(self, sequences, batch_size=256):
+        """P(positive | tokens) for each token list (cut to the context), as a float64 numpy array in [0, 1]."""
+        return 1 / (1 + np.exp(-self.logits(sequences, batch_size)))
 
 
 def load_classifier(path):
-    """A trained classifier of either kind, frozen, on the CPU."""
+    """A trained classifier of any kind (n-gram, GPT trunk, Bradley-Terry reward model), frozen, on the CPU."""
+    return classifier_from(load_checkpoint(path, kind="reward"), path)
+
+
+def reward_function(path, device):
+    """r(x, y) of token lists, as float64 numpy, from a classifier checkpoint: P(positive) for a
+    sentiment classifier (the ground truth), the logit r itself for a Bradley-Terry reward model."""
     ckpt = load_checkpoint(path, kind="reward")
+    model = classifier_from(ckpt, path).to(device)
+    return model.logits if ckpt.get("classifier") == "bradley_terry" else model.score
+
+
+def classifier_from(ckpt, path):
     if ckpt.get("classifier") == "ngram":
         try:
             model = NgramClassifier(NgramConfig(**ckpt["model_config"]))
         except (TypeError, ValueError) as e:
             raise UserError(f"{path} holds an unusable model_config ({e}); it is damaged or not from this project") from None
-    else:
+    else:  # gpt, bradley_terry: the GPT trunk with a scalar head
         model = GPTClassifier(model_config(ckpt, path))
     load_state(model, ckpt["model"], path)
     return model.eval().requires_grad_(False)

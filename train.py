@@ -5,6 +5,7 @@ The paper's controlled-sentiment experiment (IMDb, Figure 2 left), end to end. T
   reward    the reward r(x, y) = P(positive | x + y), an n-gram classifier -> OUT/reward.pt
   pairs     4 SFT samples per train prefix, all 6 pairs, labelled by r   -> OUT/pairs.jsonl
             the same from held-out test prefixes                         -> OUT/heldout_pairs.jsonl
+  rm        RLHF's reward model, Bradley-Terry on the pairs (PPO, Best-of-N) -> OUT/rm.pt
   judge     the second judge, a GPT-trunk classifier; it only evaluates   -> OUT/judge.pt
   methods   every method of METHODS, evaluated on held-out test prefixes -> OUT/<run>/eval.jsonl
   report    results.jsonl, frontier.png, summary tables, samples before/after DPO
@@ -14,6 +15,10 @@ The methods (--methods picks some; each is one entry of METHODS in train.py):
   sft_point     the SFT model itself, the KL = 0 point                  -> OUT/sft_point/
   preferred_ft  SFT continued on the best completion of each prefix      -> OUT/preferred_ft/
   dpo           DPO for each beta, evaluated every eval_interval steps   -> OUT/dpo_beta<beta>/
+  unlikelihood  the Unlikelihood baseline for each alpha                 -> OUT/unlikelihood_alpha<alpha>/
+  ppo           PPO on the learned reward (rm.pt), for each target KL    -> OUT/ppo_kl<target>/
+  ppo_gt        PPO on the ground-truth reward, for each target KL       -> OUT/ppo_gt_kl<target>/
+  best_of_n     the best of N SFT samples under rm.pt, for each N         -> OUT/best_of_n<N>/
 
 OUT/settings.json records, for each stage and each method run, the settings its artifacts were
 made with. A stage or run already done with the current settings is skipped (a killed run continues
@@ -31,7 +36,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -40,11 +45,13 @@ import torch
 from checkpoint import atomic_write, load_model, read_json, read_jsonl, save_json, write_jsonl
 from cli import UserError, check, parse_config, run_main
 from data import EOT, get_encoding, load_imdb, make_prefixes
-from device import barrier, hardware_name, is_main, print0, setup_device
+from device import barrier, hardware_name, is_main, local_slice, print0, rank, setup_device
+from bradley_terry import BradleyTerryConfig, train_bradley_terry
 from dpo import DPOConfig, train_dpo
-from evaluate import Evaluator, plot_frontier, shown_kl
+from evaluate import Evaluator, plot_frontier, score_completions, shown_kl
 from pairs import best_completions, sample_and_label
-from reward import RewardConfig, load_classifier, train_reward
+from ppo import PPOConfig, train_ppo
+from reward import RewardConfig, load_classifier, reward_function, train_reward
 from sample import generate
 from sft import SFTConfig, train_lm
 
@@ -155,6 +162,20 @@ def run_pairs(run):
     return result
 
 
+def rm_config(cfg):
+    return BradleyTerryConfig(sft=os.path.join(cfg.out, "sft.pt"), pairs=os.path.join(cfg.out, "pairs.jsonl"),
+                              heldout=os.path.join(cfg.out, "heldout_pairs.jsonl"), out=cfg.out, name="rm",
+                              epochs=cfg.rm_epochs, batch_size=cfg.rm_batch_size, lr=cfg.rm_lr, seed=cfg.seed, device=cfg.device)
+
+
+def run_rm(run):
+    """RLHF's reward model, Bradley-Terry on the training pairs; its held-out pair accuracy is the
+    number to set beside DPO's implicit-reward accuracy."""
+    _, accuracy = train_bradley_terry(rm_config(run.cfg))
+    return {"rm_heldout_acc": accuracy["heldout_acc"], "rm_train_acc": accuracy["train_acc"], "rm_step": accuracy["step"],
+            **throughput([run.path("rm_log.jsonl")], "pairs_per_s", "rm_")}
+
+
 def run_methods(run):
     """Every run of every chosen method not done yet with these settings, each timed into stage_times.json."""
     for name in run.cfg.method_list():
@@ -172,7 +193,7 @@ def run_methods(run):
 # Each method trains (or not) from the SFT model and appends its evaluations to FOLDER/eval.jsonl.
 def run_sft_point(run, folder):
     """The SFT model itself: the reference, at KL = 0."""
-    run.evaluator(load_model(run.path("sft.pt")).to(run.device), "SFT", None, 0, os.path.join(folder, "eval.jsonl"))
+    run.evaluator(load_model(run.path("sft.pt")).to(run.device), "SFT", "", 0, os.path.join(folder, "eval.jsonl"))
     return {}
 
 
@@ -182,7 +203,7 @@ def run_preferred_ft(run, folder):
     sequences = best_completions(read_jsonl(run.path("pairs.jsonl")))
     stream = np.array([t for sequence in sequences for t in sequence + [EOT]], dtype=np.uint16)
     pft_path = train_lm(pft_config(cfg, folder), stream, stream)
-    run.evaluator(load_model(pft_path).to(run.device), "Preferred-FT", None, cfg.pft_steps, os.path.join(folder, "eval.jsonl"))
+    run.evaluator(load_model(pft_path).to(run.device), "Preferred-FT", "", cfg.pft_steps, os.path.join(folder, "eval.jsonl"))
     return throughput([os.path.join(folder, "preferred_ft_log.jsonl")], "tok_per_s", "preferred_ft_")
 
 
@@ -197,7 +218,7 @@ def run_dpo(run, folder, beta):
     """DPO (dpo.py) at one beta, evaluated at step 0, every eval_interval steps and at the end."""
     log = os.path.join(folder, "eval.jsonl")
     train_dpo(dpo_config(run.cfg, folder, beta),
-              evaluate=lambda step, policy: run.evaluator(policy, "DPO", beta, step, log, implicit=True)[0])
+              evaluate=lambda step, policy: run.evaluator(policy, "DPO", f"beta={beta:g}", step, log, implicit_beta=beta))
     return throughput([os.path.join(folder, "dpo_log.jsonl")], "pairs_per_s", "dpo_")
 
 
@@ -210,10 +231,55 @@ def dpo_config(cfg, folder, beta):
                      save_interval=cfg.eval_interval, seed=cfg.seed, device=cfg.device)
 
 
+def run_unlikelihood(run, folder, alpha):
+    """The paper's Unlikelihood baseline: DPO's trainer, pairs and settings, with dpo.unlikelihood_loss
+    in place of Eq. 7 (and no reference model)."""
+    log = os.path.join(folder, "eval.jsonl")
+    config = replace(dpo_config(run.cfg, folder, 1.0), name="unlikelihood", loss_type="unlikelihood", alpha=alpha)
+    train_dpo(config, evaluate=lambda step, policy: run.evaluator(policy, "Unlikelihood", f"alpha={alpha:g}", step, log))
+    return throughput([os.path.join(folder, "unlikelihood_log.jsonl")], "pairs_per_s", "unlikelihood_")
+
+
+def run_ppo(run, folder, target_kl, reward):
+    """PPO (ppo.py) on the training prefixes toward one target KL: on the learned Bradley-Terry reward
+    (rm.pt: the paper's PPO) or on the ground truth itself (reward.pt: PPO-GT)."""
+    method = "PPO" if reward == "rm.pt" else "PPO-GT"
+    log = os.path.join(folder, "eval.jsonl")
+    train_ppo(ppo_config(run.cfg, folder, target_kl, reward), run.train_prompts,
+              evaluate=lambda step, policy: run.evaluator(policy, method, f"target KL={target_kl:g}", step, log))
+    return throughput([os.path.join(folder, "ppo_log.jsonl")], "samples_per_s", "ppo_")
+
+
+def ppo_config(cfg, folder, target_kl, reward):
+    return PPOConfig(sft=os.path.join(cfg.out, "sft.pt"), reward=os.path.join(cfg.out, reward), out=folder,
+                     max_new_tokens=cfg.max_new_tokens, steps=cfg.ppo_steps, batch_size=cfg.ppo_batch_size,
+                     minibatch_size=cfg.ppo_minibatch_size, epochs=cfg.ppo_epochs, lr=cfg.ppo_lr, critic_lr=cfg.ppo_lr * 10,
+                     init_kl_coef=cfg.ppo_init_kl_coef, target_kl=target_kl, norm_samples=cfg.ppo_batch_size,
+                     eval_interval=cfg.ppo_eval_interval, save_interval=cfg.ppo_eval_interval, seed=cfg.seed, device=cfg.device)
+
+
+def run_best_of_n(run, folder, n):
+    """Best-of-N: N samples of the SFT model for each evaluation prompt, the best under the learned
+    reward model (rm.pt) kept and scored like every other method. Its KL to the SFT model is at most
+    log N - (N - 1) / N (Stiennon et al. 2020; a bound, Beirami et al. 2024), the value shown."""
+    cfg, evaluator = run.cfg, run.evaluator
+    prompts = local_slice(evaluator.prompts)  # under torchrun each rank takes a share
+    repeated = [p for p in prompts for _ in range(n)]
+    generator = torch.Generator(device=run.device).manual_seed(cfg.seed + 1000 * n + rank())
+    candidates = generate(evaluator.reference, repeated, cfg.max_new_tokens, stop_at_eot=False, generator=generator,
+                          batch_size=cfg.sample_batch_size)
+    learned_reward = reward_function(run.path("rm.pt"), run.device)
+    best = learned_reward([p + c for p, c in zip(repeated, candidates)]).reshape(len(prompts), n).argmax(1)
+    point = score_completions(prompts, [candidates[i * n + j] for i, j in enumerate(best)], evaluator.reference,
+                              evaluator.reward_model, evaluator.judge, kl=math.log(n) - (n - 1) / n)
+    evaluator.record(point, "Best-of-N", f"N={n}", 0, os.path.join(folder, "eval.jsonl"))
+    return {}
+
+
 # ---------------------------------------------------------------------------- report
 def read_rows(jsonl):
-    """Evaluation rows, the last one kept for each (method, beta, step): a resumed run repeats a few."""
-    return list({(row["method"], row["beta"], row["step"]): row for row in read_jsonl(jsonl)}.values())
+    """Evaluation rows, the last one kept for each (method, setting, step): a resumed run repeats a few."""
+    return list({(row["method"], row["setting"], row["step"]): row for row in read_jsonl(jsonl)}.values())
 
 
 def run_report(run):
@@ -229,10 +295,13 @@ def run_report(run):
     plot_frontier(rows, run.path("frontier.png"))
     final = {}
     for row in rows:  # the last step of each series
-        key = (row["method"], row["beta"])
+        key = (row["method"], row["setting"])
         if key not in final or row["step"] >= final[key]["step"]:
             final[key] = row
-    table_text = "\n".join(frontier_table(final.values()) + [""] + implicit_table(rows))
+    rm = read_stage_times(run).get("rm")
+    rm_line = [] if rm is None else [f"RLHF's Bradley-Terry reward model (rm.pt): pair accuracy {rm['rm_heldout_acc']:.3f} "
+                                     f"held out, {rm['rm_train_acc']:.3f} on training pairs"]
+    table_text = "\n".join(frontier_table(final.values()) + [""] + kl_budget_table(rows) + [""] + implicit_table(rows) + rm_line)
     print(table_text)
     # a handful of completions of the same test prefixes before (SFT) and after DPO (the first beta)
     enc = get_encoding()
@@ -259,8 +328,8 @@ def run_report(run):
 def frontier_table(rows):
     """The final point of each method: reward and second judge with their standard errors, and the
     degeneration signals (distinct-token ratio, mean per-token log-prob under the reference)."""
-    lines = ["| method | beta | step | n | KL | reward | judge | distinct | ref logp |", "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['method']} | {'' if r['beta'] is None else format(r['beta'], 'g')} | {r['step']} | {r['n']} | "
+    lines = ["| method | setting | step | n | KL | reward | judge | distinct | ref logp |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['setting']} | {r['step']} | {r['n']} | "
               f"{shown_kl(r['kl'], 2)} | {r['reward']:.3f} ± {r['reward_se']:.3f} | {r['judge']:.3f} ± {r['judge_se']:.3f} | "
               f"{r['distinct']:.2f} | {r['reference_logp']:.2f} |" for r in rows]
     return lines
@@ -268,9 +337,25 @@ def frontier_table(rows):
 
 def implicit_table(rows):
     """Eq. 5 measured: how often beta log(pi / pi_ref) orders held-out and training pairs as the ground truth does."""
-    lines = ["| DPO beta | step | implicit-reward accuracy, held-out pairs | on training pairs |", "|---|---|---|---|"]
-    lines += [f"| {r['beta']:g} | {r['step']} | {r['implicit_acc_heldout']:.3f} | {r['implicit_acc_train']:.3f} |"
+    lines = ["| DPO | step | implicit-reward accuracy, held-out pairs | on training pairs |", "|---|---|---|---|"]
+    lines += [f"| {r['setting']} | {r['step']} | {r['implicit_acc_heldout']:.3f} | {r['implicit_acc_train']:.3f} |"
               for r in rows if "implicit_acc_heldout" in r]
+    return lines
+
+
+KL_BUDGETS = (3, 6, 12)
+
+
+def kl_budget_table(rows):
+    """Each method's best mean reward among its points (every setting and evaluation) with KL at most
+    3, 6 and 12 nats. The best of several noisy points leans high by about a standard error."""
+    lines = ["| method | " + " | ".join(f"best reward at KL <= {b}" for b in KL_BUDGETS) + " |", "|---|" + "---|" * len(KL_BUDGETS)]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        cells = []
+        for budget in KL_BUDGETS:
+            best = max((r for r in rows if r["method"] == method and r["kl"] <= budget), key=lambda r: r["reward"], default=None)
+            cells.append("-" if best is None else f"{best['reward']:.3f} ± {best['reward_se']:.3f} (KL {shown_kl(best['kl'], 1)})")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -323,6 +408,7 @@ STAGES = {
                     ("reward_steps", "reward_lr", "reward_order", "reward_bits", "reward_test_reviews")),
     "pairs": Stage(run_pairs, ["pairs.jsonl", "heldout_pairs.jsonl"],
                    ("n_prefixes", "heldout_prefixes", "completions_per_prefix", "max_new_tokens", "sample_batch_size")),
+    "rm": Stage(run_rm, ["rm.pt", "rm_log.jsonl"], ("rm_epochs", "rm_batch_size", "rm_lr")),
     # after pairs: the judge only evaluates, so a change to it redoes the evaluations, not the pairs
     "judge": Stage(lambda run: run_classifier(run, "judge", judge_config(run.cfg)), ["judge.pt", "judge_log.jsonl"],
                    ("judge_steps", "judge_batch_size", "judge_lr", "judge_max_len", "judge_test_reviews")),
@@ -330,6 +416,7 @@ STAGES = {
     "report": Stage(run_report, None, ()),  # None: cheap, so always redone, its files replaced whole
 }
 
+PPO_FIELDS = ("ppo_steps", "ppo_batch_size", "ppo_minibatch_size", "ppo_epochs", "ppo_lr", "ppo_init_kl_coef", "ppo_eval_interval")
 METHODS = {
     "sft_point": Method(run_sft_point, lambda cfg: {"sft_point": {}}, ()),
     "preferred_ft": Method(run_preferred_ft, lambda cfg: {"preferred_ft": {}} if cfg.pft_steps else {},
@@ -337,9 +424,19 @@ METHODS = {
     "dpo": Method(run_dpo, lambda cfg: {f"dpo_beta{beta:g}": {"beta": beta} for beta in cfg.beta_list()},
                   ("dpo_steps", "dpo_batch_size", "dpo_micro_batch_size", "dpo_optimizer", "dpo_lr", "dpo_warmup_steps",
                    "precompute_ref", "eval_interval")),
+    "unlikelihood": Method(run_unlikelihood, lambda cfg: {f"unlikelihood_alpha{a:g}": {"alpha": a} for a in cfg.number_list("ul_alphas")},
+                           ("dpo_steps", "dpo_batch_size", "dpo_micro_batch_size", "dpo_optimizer", "dpo_lr", "dpo_warmup_steps",
+                            "eval_interval")),
+    "ppo": Method(run_ppo, lambda cfg: {f"ppo_kl{t:g}": {"target_kl": t, "reward": "rm.pt"} for t in cfg.number_list("ppo_target_kls")},
+                  PPO_FIELDS),
+    "ppo_gt": Method(run_ppo, lambda cfg: {f"ppo_gt_kl{t:g}": {"target_kl": t, "reward": "reward.pt"}
+                                           for t in cfg.number_list("ppo_target_kls")}, PPO_FIELDS),
+    "best_of_n": Method(run_best_of_n, lambda cfg: {f"best_of_n{n:g}": {"n": int(n)} for n in cfg.number_list("bon_ns")}, ()),
 }
 # TrainConfig fields no artifact depends on: where and how the run goes, not what it computes
-NOT_RECORDED = ("out", "stage", "methods", "force", "data", "data_verify", "device", "compile", "betas")
+# (the sweeps, too: each of their values is a run of its own, recorded with its value)
+NOT_RECORDED = ("out", "stage", "methods", "force", "data", "data_verify", "device", "compile", "betas", "ul_alphas",
+                "ppo_target_kls", "bon_ns")
 
 
 # ---------------------------------------------------------------------------- the experiment's settings
@@ -393,7 +490,21 @@ class TrainConfig:
     # 5. baselines
     pft_steps: int = field(default=60, metadata={"help": "Preferred-FT optimizer steps (0 = skip)"})
     pft_lr: float = field(default=1e-4, metadata={"help": "Preferred-FT learning rate"})
-    # 6. evaluation
+    ul_alphas: str = field(default="0.5", metadata={"help": "Unlikelihood: comma-separated alphas, each trained with DPO's settings (paper: 0.05,0.1,0.5,1)"})
+    bon_ns: str = field(default="1,4,16", metadata={"help": "Best-of-N: comma-separated N (GPU preset: 1,4,16,64)"})
+    # 6. RLHF: the Bradley-Terry reward model and PPO
+    rm_epochs: float = field(default=2.0, metadata={"help": "reward model: passes over the training pairs"})
+    rm_batch_size: int = field(default=32, metadata={"help": "reward model: pairs per step"})
+    rm_lr: float = field(default=1e-4, metadata={"help": "reward model: peak learning rate"})
+    ppo_target_kls: str = field(default="6", metadata={"help": "PPO and PPO-GT: comma-separated target KLs (paper: 3,6,9,12)"})
+    ppo_steps: int = field(default=30, metadata={"help": "PPO steps (rollout batch + updates) per target KL"})
+    ppo_batch_size: int = field(default=64, metadata={"help": "PPO rollouts per step (the paper's authors mention 1,024)"})
+    ppo_minibatch_size: int = field(default=16, metadata={"help": "PPO rollouts per optimizer step"})
+    ppo_epochs: int = field(default=2, metadata={"help": "PPO passes over each rollout batch"})
+    ppo_lr: float = field(default=1e-4, metadata={"help": "PPO policy learning rate (the critic's is 10x)"})
+    ppo_init_kl_coef: float = field(default=0.05, metadata={"help": "PPO beta_KL at the start; it adapts toward the target KL"})
+    ppo_eval_interval: int = field(default=10, metadata={"help": "PPO steps between evaluations"})
+    # 7. evaluation
     eval_interval: int = field(default=40, metadata={"help": "DPO steps between evaluations (paper: 100)"})
     eval_prefixes: int = field(default=256, metadata={"help": "held-out test prefixes per evaluation"})
 
@@ -422,19 +533,28 @@ class TrainConfig:
         check(self.pft_steps == 0 or shortest_pft_text > self.block_size + 1,
               f"Preferred-FT trains on windows of --block-size + 1 = {self.block_size + 1} tokens, but --n-prefixes "
               f"{self.n_prefixes} best completions may hold only {shortest_pft_text}; raise --n-prefixes or pass --pft-steps 0")
-        try:
-            betas = self.beta_list()
-        except ValueError:
-            raise ValueError(f"--betas must be comma-separated numbers, got {self.betas!r}") from None
-        check(betas and all(math.isfinite(b) and b > 0 for b in betas), f"every beta must be finite and > 0, got {self.betas!r}")
-        check(len({f"{b:g}" for b in betas}) == len(betas), f"--betas names the same beta twice: {self.betas!r}")
+        for name in ("betas", "ul_alphas", "ppo_target_kls", "bon_ns"):
+            flag = f"--{name.replace('_', '-')}"
+            try:
+                values = self.number_list(name)
+            except ValueError:
+                raise ValueError(f"{flag} must be comma-separated numbers, got {getattr(self, name)!r}") from None
+            check(values and all(math.isfinite(v) and v > 0 for v in values), f"every value of {flag} must be finite and > 0, got {getattr(self, name)!r}")
+            check(len({f"{v:g}" for v in values}) == len(values), f"{flag} names the same value twice: {getattr(self, name)!r}")
+        check(all(n == int(n) for n in self.number_list("bon_ns")), f"--bon-ns must be whole numbers, got {self.bon_ns!r}")
         # each stage's own checks, now: a bad setting stops the run before anything is written or removed
-        for stage_cfg in [sft_config(self), reward_config(self), judge_config(self), *(dpo_config(self, "", b) for b in betas),
+        for stage_cfg in [sft_config(self), reward_config(self), rm_config(self), judge_config(self),
+                          *(dpo_config(self, "", b) for b in self.beta_list()),
+                          *(ppo_config(self, "", t, "rm.pt") for t in self.number_list("ppo_target_kls")),
                           *([pft_config(self, "")] if self.pft_steps else [])]:
             stage_cfg.validate()
 
+    def number_list(self, name):
+        """A comma-separated sweep setting (betas, ul_alphas, ppo_target_kls, bon_ns) as floats."""
+        return [float(v) for v in getattr(self, name).split(",") if v.strip()]
+
     def beta_list(self):
-        return [float(b) for b in self.betas.split(",") if b.strip()]
+        return self.number_list("betas")
 
     def method_list(self):
         return list(METHODS) if self.methods == "all" else [m.strip() for m in self.methods.split(",") if m.strip()]
@@ -445,13 +565,17 @@ PRESETS = {
                   reward_bits=16, reward_test_reviews=32, judge_steps=20, judge_batch_size=16, judge_max_len=48,
                   judge_test_reviews=32, n_prefixes=16, heldout_prefixes=8, max_new_tokens=12,
                   betas="0.1,1", dpo_steps=6, dpo_batch_size=8, dpo_micro_batch_size=4, dpo_lr=1e-4,
-                  dpo_warmup_steps=2, pft_steps=4, eval_interval=3, eval_prefixes=8),
+                  dpo_warmup_steps=2, pft_steps=4, eval_interval=3, eval_prefixes=8, rm_epochs=1, rm_batch_size=8,
+                  ppo_steps=2, ppo_batch_size=8, ppo_minibatch_size=4, ppo_eval_interval=2, bon_ns="1,2"),
     "cpu": dict(),  # the defaults above: 18.5 minutes on the 2-core box of the README's CPU results
     "gpu": dict(n_layer=12, n_head=12, n_embd=768, block_size=256, sft_steps=1500, sft_batch_size=64, sft_grad_accum=2,
                 sft_lr=6e-4, judge_steps=800, judge_batch_size=64, judge_lr=1e-4, judge_max_len=256,
                 judge_test_reviews=0, n_prefixes=25_000, heldout_prefixes=1000, max_new_tokens=48, sample_batch_size=1024,
                 betas="0.05,0.1,1,5", dpo_steps=600, dpo_batch_size=64, dpo_micro_batch_size=64, dpo_lr=1e-6,
-                dpo_warmup_steps=150, pft_steps=300, pft_lr=1e-5, eval_interval=100, eval_prefixes=512),
+                dpo_warmup_steps=150, pft_steps=300, pft_lr=1e-5, eval_interval=100, eval_prefixes=512,
+                ul_alphas="0.05,0.1,0.5,1", bon_ns="1,4,16,64", rm_epochs=1, rm_batch_size=64, rm_lr=1e-5,
+                ppo_target_kls="3,6,9,12", ppo_steps=100, ppo_batch_size=512, ppo_minibatch_size=64, ppo_lr=1e-5,
+                ppo_eval_interval=20),
 }
 
 

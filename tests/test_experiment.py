@@ -204,16 +204,20 @@ def test_smoke_pipeline_writes_results_and_resumes_after_a_kill(tmp_path, tiny_i
         assert f"=== {stage}: done already" in log
     assert "=== judge: done already" not in log  # killed while it trained
     rows = read_jsonl(out / "results.jsonl")
-    assert {r["method"] for r in rows} == {"SFT", "Preferred-FT", "DPO"}
-    assert {r["beta"] for r in rows if r["method"] == "DPO"} == {0.1, 1.0}
+    assert {r["method"] for r in rows} == {"SFT", "Preferred-FT", "DPO", "Unlikelihood", "PPO", "PPO-GT", "Best-of-N"}
+    assert {r["setting"] for r in rows if r["method"] == "DPO"} == {"beta=0.1", "beta=1"}
     for r in rows:
-        assert set(r) >= {"method", "beta", "step", "n", "kl", "kl_se", "reward", "reward_se", "judge", "judge_se",
+        assert set(r) >= {"method", "setting", "step", "n", "kl", "kl_se", "reward", "reward_se", "judge", "judge_se",
                           "distinct", "reference_logp", "wall_time"}
         assert 0 <= r["reward"] <= 1 and 0 <= r["judge"] <= 1 and r["kl"] >= -1e-6 and r["n"] == 8
         assert ("implicit_acc_heldout" in r and "implicit_acc_train" in r) == (r["method"] == "DPO")
-    dpo_steps = sorted(r["step"] for r in rows if r["method"] == "DPO" and r["beta"] == 0.1)
+    dpo_steps = sorted(r["step"] for r in rows if r["method"] == "DPO" and r["setting"] == "beta=0.1")
     assert dpo_steps == [0, 3, 6]  # eval_interval 3 of the smoke preset, 6 steps
+    assert sorted(r["step"] for r in rows if r["method"] == "PPO-GT") == [0, 2]  # ppo_eval_interval 2, 2 steps
     assert next(r for r in rows if r["method"] == "SFT")["kl"] == 0.0
+    best_of_n = {r["setting"]: r for r in rows if r["method"] == "Best-of-N"}
+    assert best_of_n["N=1"]["kl"] == 0.0 and best_of_n["N=2"]["kl"] == pytest.approx(math.log(2) - 1 / 2)
+    assert best_of_n["N=2"]["kl_se"] == 0.0  # the bound, the same for every sample
     assert (out / "frontier.png").stat().st_size > 10_000
     pairs = read_jsonl(out / "pairs.jsonl")
     prefixes = {tuple(p["prompt_ids"]) for p in pairs}
@@ -221,7 +225,9 @@ def test_smoke_pipeline_writes_results_and_resumes_after_a_kill(tmp_path, tiny_i
     assert len(pairs) == 6 * 16
     assert all(p["chosen_reward"] >= p["rejected_reward"] for p in pairs)
     times = json.load(open(out / "stage_times.json"))
-    assert {"sft", "reward", "judge", "sft_point", "preferred_ft", "dpo_beta0.1", "dpo_beta1", "report"} <= set(times)  # pairs' time may die with the kill
+    assert {"sft", "reward", "rm", "judge", "sft_point", "preferred_ft", "dpo_beta0.1", "dpo_beta1", "unlikelihood_alpha0.5",
+            "ppo_kl6", "ppo_gt_kl6", "best_of_n1", "best_of_n2", "report"} <= set(times)  # pairs' time may die with the kill
+    assert 0 <= times["rm"]["rm_heldout_acc"] <= 1 and times["ppo_gt_kl6"]["ppo_samples_per_s"] > 0
     assert times["sft"]["sft_tok_per_s"] > 0 and times["dpo_beta0.1"]["dpo_pairs_per_s"] > 0
     assert times["preferred_ft"]["preferred_ft_tok_per_s"] > 0
     for name in ("reward", "judge"):
@@ -245,7 +251,8 @@ def test_smoke_pipeline_writes_results_and_resumes_after_a_kill(tmp_path, tiny_i
     # the judge column alone, not one weight of any trained policy, nor any reward or KL
     def trained_weights():
         return {run: torch.load(out / run / f"{name}.pt", weights_only=True)["model"]
-                for run, name in (("dpo_beta0.1", "dpo"), ("dpo_beta1", "dpo"), ("preferred_ft", "preferred_ft"))}
+                for run, name in (("dpo_beta0.1", "dpo"), ("dpo_beta1", "dpo"), ("preferred_ft", "preferred_ft"),
+                                  ("unlikelihood_alpha0.5", "unlikelihood"), ("ppo_kl6", "ppo"), ("ppo_gt_kl6", "ppo"))}
     weights_before, rows_before = trained_weights(), read_jsonl(out / "results.jsonl")
     judge = torch.load(out / "judge.pt", weights_only=True)
     judge["model"] = {k: -v if k.startswith("head.") else v for k, v in judge["model"].items()}
@@ -255,7 +262,7 @@ def test_smoke_pipeline_writes_results_and_resumes_after_a_kill(tmp_path, tiny_i
     code, log = run_train(args + ["--stage", "report"], tmp_path)
     assert code == 0, log[-3000:]
     rows_after = read_jsonl(out / "results.jsonl")
-    assert [(r["method"], r["beta"], r["step"]) for r in rows_after] == [(r["method"], r["beta"], r["step"]) for r in rows_before]
+    assert [(r["method"], r["setting"], r["step"]) for r in rows_after] == [(r["method"], r["setting"], r["step"]) for r in rows_before]
     for before, after in zip(rows_before, rows_after):
         assert after["reward"] == before["reward"] and after["kl"] == before["kl"]
         assert after.get("implicit_acc_heldout") == before.get("implicit_acc_heldout")
@@ -267,7 +274,7 @@ def test_smoke_pipeline_writes_results_and_resumes_after_a_kill(tmp_path, tiny_i
     dpo_done = (out / "dpo_beta0.1" / "dpo.pt").stat().st_mtime_ns
     code, log = run_train(args + ["--stage", "methods", "--methods", "sft_point", "--force"], tmp_path)
     assert code == 0, log[-3000:]
-    assert "eval SFT beta=None step 0" in log and "eval DPO" not in log
+    assert "eval SFT  step 0" in log and "eval DPO" not in log
     assert (out / "dpo_beta0.1" / "dpo.pt").stat().st_mtime_ns == dpo_done
     code, log = run_train(args + ["--stage", "report", "--methods", "dpo"], tmp_path)
     assert code == 0, log[-3000:]
@@ -277,9 +284,10 @@ def test_smoke_pipeline_writes_results_and_resumes_after_a_kill(tmp_path, tiny_i
 def test_every_setting_is_recorded_by_the_stages_and_methods_it_affects_or_named_as_affecting_none():
     """A TrainConfig field missing from every stage's and method's `fields` would let a changed setting
     reuse results it did not make: each field is recorded somewhere or listed in NOT_RECORDED."""
-    recorded = [f for stage in train.STAGES.values() for f in stage.fields]
-    recorded += [f for method in train.METHODS.values() for f in method.fields]
+    by_stages = [f for stage in train.STAGES.values() for f in stage.fields]
+    by_methods = {f for method in train.METHODS.values() for f in method.fields}  # methods may share (PPO, PPO-GT)
     fields = {f.name for f in dataclasses.fields(train.TrainConfig)}
-    assert len(recorded) == len(set(recorded)), "a field recorded by two stages"
-    assert fields == set(recorded) | set(train.NOT_RECORDED)
-    assert not set(recorded) & set(train.NOT_RECORDED)
+    assert len(by_stages) == len(set(by_stages)), "a field recorded by two stages"
+    assert not set(by_stages) & by_methods, "a field recorded by a stage and a method"
+    assert fields == set(by_stages) | by_methods | set(train.NOT_RECORDED)
+    assert not (set(by_stages) | by_methods) & set(train.NOT_RECORDED)

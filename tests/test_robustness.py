@@ -63,6 +63,40 @@ def test_sigkill_mid_run_resumes_past_step_0_and_ends_on_the_same_loss(tmp_path,
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_ppo_killed_mid_run_resumes_and_ends_on_the_same_weights(tmp_path, tiny_imdb):
+    """PPO's checkpoint holds the policy, the critic, both optimizers, beta_KL and the reward's
+    normalisation: a SIGKILL'd run, rerun, ends bit-identical to one never interrupted."""
+    sft_path = save_tiny_checkpoint(tmp_path / "sft.pt")
+    torch.manual_seed(1)
+    judge = reward.GPTClassifier(tiny_gpt().config)  # any classifier checkpoint is a reward; this one a Bradley-Terry model
+    save_checkpoint(str(tmp_path / "rm.pt"), {"kind": "reward", "classifier": "bradley_terry", "model": judge.state_dict(),
+                                               "model_config": dataclasses.asdict(judge.config)})
+
+    def args(out):
+        return [os.path.join(ROOT, "ppo.py"), "--sft", sft_path, "--reward", str(tmp_path / "rm.pt"), "--data", tiny_imdb,
+                "--no-data-verify", "--n-prefixes", "16", "--max-new-tokens", "6", "--steps", "6", "--batch-size", "8",
+                "--minibatch-size", "4", "--norm-samples", "8", "--save-interval", "1", "--out", str(out), "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    subprocess.run([sys.executable] + args(tmp_path / "straight"), cwd=tmp_path, env=env, check=True, capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable] + args(killed), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "ppo.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    step_at_kill = torch.load(killed / "ppo.pt", weights_only=True)["step"]
+    assert 0 < step_at_kill < 6
+    resumed = subprocess.run([sys.executable] + args(killed), cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
+    assert f"resuming {killed / 'ppo.pt'} at step {step_at_kill}\n" in resumed.stdout
+    a, b = (torch.load(out / "ppo.pt", weights_only=True) for out in (killed, tmp_path / "straight"))
+    assert a["step"] == b["step"] == 6 and a["kl_coef"] == b["kl_coef"] and a["normalise"] == b["normalise"]
+    for part in ("model", "critic"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+
+
 def test_same_seed_gives_identical_losses(tmp_path, tiny_imdb):
     from data import load_imdb
     imdb = load_imdb(tiny_imdb, cache_dir=str(tmp_path / "cache"), verify=False)
@@ -141,7 +175,7 @@ def test_checkpoint_of_another_sft_run_in_out_is_refused_not_reused(tmp_path, ti
 
 
 @pytest.mark.parametrize("config_cls, presets, argv, message", [
-    (train.TrainConfig, train.PRESETS, ["--betas", "0.1,0"], "every beta must be finite and > 0"),
+    (train.TrainConfig, train.PRESETS, ["--betas", "0.1,0"], "every value of --betas must be finite and > 0"),
     (train.TrainConfig, train.PRESETS, ["--betas", "a,b"], "comma-separated numbers"),
     (train.TrainConfig, train.PRESETS, ["--dpo-batch-size", "0"], "--dpo-batch-size must be positive"),
     (train.TrainConfig, train.PRESETS, ["--max-new-tokens", "-4"], "--max-new-tokens must be positive"),
@@ -246,9 +280,9 @@ def assert_one_line_error(result, message):
     (["--reward-test-reviews", "100000"], "--reward-test-reviews 100000 exceeds the 40 test reviews"),
     (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N"),
     (["--n-embd", "1048576"], "more than this machine's"),
-    (["--betas", "inf"], "every beta must be finite"),
+    (["--betas", "inf"], "every value of --betas must be finite"),
     (["--dpo-lr", "nan"], "--dpo-lr must be finite"),
-    (["--betas", "0.1,0.1"], "names the same beta twice"),
+    (["--betas", "0.1,0.1"], "--betas names the same value twice"),
     (["--judge-max-len", "100"], "exceeds the model's context"),
     (["--reward-bits", "40"], "bits in 8..28"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),

@@ -120,7 +120,7 @@ def train_bradley_terry(cfg):
             heldout_acc = pair_accuracy(model, heldout)
             model.train()
             progress.line(step + 1, {**metrics, "heldout_acc": heldout_acc, "lr": lr})
-            if heldout_acc > best["heldout_acc"]:  # the best held-out weights are the ones kept
+            if heldout_acc >= best["heldout_acc"]:  # the best held-out weights are kept (the later, on a tie)
                 best = {"heldout_acc": heldout_acc, "step": step + 1, "state": copy.deepcopy(model.state_dict())}
     model.load_state_dict(best.pop("state"))
     model.eval()

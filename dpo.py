@@ -44,12 +44,14 @@ def token_logps(logits, tokens):
     return target_logits - torch.logsumexp(logits.to(dtype), dim=-1)
 
 
-def sequence_logps(logits, tokens, response_mask):
-    """log pi(y|x) = sum over response positions t of log pi(tokens[t] | tokens[<t]).
+def sequence_logps(logits, tokens, response_mask, average=False):
+    """log pi(y|x) = sum over response positions t of log pi(tokens[t] | tokens[<t]); with average, the
+    mean (1/|y|) log pi(y|x) over the response tokens instead (SimPO's reward, ORPO's likelihood).
     logits (B, T, V) with logits[:, t] predicting tokens[:, t + 1]; response_mask (B, T) marks the
     response tokens. Returns (B,) in float32 or better (float64 logits stay float64)."""
     mask = response_mask[:, 1:].bool()  # token 0 has no prediction; it is always prompt
-    return torch.where(mask, token_logps(logits, tokens), 0.0).sum(-1)
+    logps = torch.where(mask, token_logps(logits, tokens), 0.0).sum(-1)
+    return logps / mask.sum(-1) if average else logps
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
@@ -88,6 +90,51 @@ def unlikelihood_loss(chosen_token_logps, rejected_token_logps, chosen_mask, rej
     log_one_minus_p = torch.log((-torch.expm1(rejected_token_logps)).clamp_min(1e-6))
     unlikelihood = -torch.where(rejected_mask, log_one_minus_p, 0.0).sum(-1) / rejected_mask.sum(-1)
     return chosen_nll + alpha * unlikelihood
+
+
+def simpo_loss(chosen_avg_logps, rejected_avg_logps, beta, gamma):
+    """SimPO (Meng et al. 2024), per pair (B,). The implicit reward is the length-normalised likelihood
+    beta * (1/|y|) log pi(y|x), and gamma is a target reward margin the chosen reward must clear.
+    Inputs (B,) are mean log-probs over each response's tokens: sequence_logps(..., average=True).
+    No reference model. SimPO's defaults: beta 2.0, gamma 0.5 (the paper tunes both per model)."""
+    # L = -log sigma(beta * (avg_w - avg_l) - gamma)
+    return -F.logsigmoid(beta * (chosen_avg_logps - rejected_avg_logps) - gamma)
+
+
+def orpo_loss(chosen_avg_logps, rejected_avg_logps, lam):
+    """ORPO (Hong et al. 2024), per pair (B,): the chosen response's NLL plus lam times a log odds ratio,
+    with P(y|x) = exp(a) for a the mean log-prob over the response tokens (sequence_logps(..., average=True)):
+        L = -a_w - lam * log sigma(log_odds(a_w) - log_odds(a_l)),  log_odds(a) = log(P / (1 - P)) = a - log(1 - e^a).
+    The NLL term is the per-example mean over chosen tokens, a_w itself. No reference model: ORPO's claim
+    is that it can start before SFT, from the base model; here it starts from the SFT model as the others do.
+    log(1 - e^a) is log(-expm1(a)): accurate as a -> 0- in float32, where 1 - exp(a) is 0 for a > -3e-8.
+    At a = 0 (every token certain) the odds are infinite, so a is clamped to at most -tiny (the dtype's
+    smallest normal number; log_odds(-tiny) is ~87 in float32, ~708 in float64): the loss stays finite, and
+    no gradient flows through the odds of an a above -tiny (the NLL term still has its gradient, -1)."""
+    def log_odds(a):
+        a = a.clamp_max(-torch.finfo(a.dtype).tiny)
+        return a - torch.log(-torch.expm1(a))  # log(P / (1 - P)) = a - log(1 - e^a)
+
+    # L = -a_w - lam * log sigma(log_odds(a_w) - log_odds(a_l))
+    return -chosen_avg_logps - lam * F.logsigmoid(log_odds(chosen_avg_logps) - log_odds(rejected_avg_logps))
+
+
+def kto_loss(policy_logps, reference_logps, desirable, kl, beta, desirable_weight=1.0, undesirable_weight=1.0):
+    """KTO (Ethayarajh et al. 2024), per example (B,), on unpaired data: each completion is labelled
+    desirable or undesirable on its own. r = log(pi(y|x) / pi_ref(y|x)) is measured against the reference
+    point z = max(kl, 0), where kl (a scalar tensor, or one broadcastable to (B,)) is the batch estimate of
+    KL(pi || pi_ref) from mismatched (prompt, completion) pairs, as in the KTO paper; it is detached here,
+    so no gradient flows into it. Then
+        desirable:    L = w_D * (1 - sigma(beta * (r - z)))
+        undesirable:  L = w_U * (1 - sigma(beta * (z - r)))
+    policy_logps, reference_logps (B,) are sequence log-probs log pi(y|x); desirable is a bool tensor (B,).
+    On IMDb the preference pairs become unpaired data: chosen -> desirable, rejected -> undesirable."""
+    rewards = policy_logps - reference_logps  # r = log(pi / pi_ref), (B,)
+    z = kl.detach().clamp_min(0)  # z_0 = max(0, KL estimate), no gradient
+    # 1 - sigma(x) is computed as sigma(-x): the same value, without cancellation when sigma(x) is near 1
+    return torch.where(desirable,
+                       desirable_weight * torch.sigmoid(beta * (z - rewards)),  # L_D = w_D * (1 - sigma(beta * (r - z)))
+                       undesirable_weight * torch.sigmoid(beta * (rewards - z)))  # L_U = w_U * (1 - sigma(beta * (z - r)))
 
 
 # ---------------------------------------------------------------------------- preference data

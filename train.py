@@ -479,7 +479,7 @@ class TrainConfig:
     max_new_tokens: int = field(default=24, metadata={"help": "tokens per sampled completion"})
     sample_batch_size: int = field(default=256, metadata={"help": "prompts per sampling batch"})
     # 4. DPO
-    betas: str = field(default="0.1,1", metadata={"help": "comma-separated betas (paper: 0.05,0.1,1,5)"})
+    betas: str = field(default="0.1", metadata={"help": "comma-separated betas (paper: 0.05,0.1,1,5)"})
     dpo_steps: int = field(default=80, metadata={"help": "DPO optimizer steps per beta (0 = one epoch)"})
     dpo_batch_size: int = field(default=16, metadata={"help": "pairs per DPO step (paper: 64)"})
     dpo_micro_batch_size: int = field(default=16, metadata={"help": "pairs per forward pass"})
@@ -493,20 +493,20 @@ class TrainConfig:
     ul_alphas: str = field(default="0.5", metadata={"help": "Unlikelihood: comma-separated alphas, each trained with DPO's settings (paper: 0.05,0.1,0.5,1)"})
     bon_ns: str = field(default="1,4,16", metadata={"help": "Best-of-N: comma-separated N (GPU preset: 1,4,16,64)"})
     # 6. RLHF: the Bradley-Terry reward model and PPO
-    rm_epochs: float = field(default=2.0, metadata={"help": "reward model: passes over the training pairs"})
+    rm_epochs: float = field(default=1.0, metadata={"help": "reward model: passes over the training pairs"})
     rm_batch_size: int = field(default=32, metadata={"help": "reward model: pairs per step"})
     rm_lr: float = field(default=1e-4, metadata={"help": "reward model: peak learning rate"})
     ppo_target_kls: str = field(default="6", metadata={"help": "PPO and PPO-GT: comma-separated target KLs (paper: 3,6,9,12)"})
-    ppo_steps: int = field(default=30, metadata={"help": "PPO steps (rollout batch + updates) per target KL"})
+    ppo_steps: int = field(default=20, metadata={"help": "PPO steps (rollout batch + updates) per target KL"})
     ppo_batch_size: int = field(default=64, metadata={"help": "PPO rollouts per step (the paper's authors mention 1,024)"})
     ppo_minibatch_size: int = field(default=16, metadata={"help": "PPO rollouts per optimizer step"})
     ppo_epochs: int = field(default=2, metadata={"help": "PPO passes over each rollout batch"})
-    ppo_lr: float = field(default=1e-4, metadata={"help": "PPO policy learning rate (the critic's is 10x)"})
+    ppo_lr: float = field(default=3e-4, metadata={"help": "PPO policy learning rate (the critic's is 10x)"})
     ppo_init_kl_coef: float = field(default=0.05, metadata={"help": "PPO beta_KL at the start; it adapts toward the target KL"})
     ppo_eval_interval: int = field(default=10, metadata={"help": "PPO steps between evaluations"})
     # 7. evaluation
     eval_interval: int = field(default=40, metadata={"help": "DPO steps between evaluations (paper: 100)"})
-    eval_prefixes: int = field(default=256, metadata={"help": "held-out test prefixes per evaluation"})
+    eval_prefixes: int = field(default=128, metadata={"help": "held-out test prefixes per evaluation"})
 
     def validate(self):
         check(self.stage == "all" or self.stage in STAGES, f"--stage must be all or one of {', '.join(STAGES)}, got {self.stage!r}")

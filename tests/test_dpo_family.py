@@ -1,0 +1,302 @@
+"""
+Tests of the DPO family in dpo.py: the length-averaged log-likelihood, SimPO (Meng et al. 2024),
+ORPO (Hong et al. 2024) and KTO (Ethayarajh et al. 2024).
+
+Every expected value is computed independently of the code under test: brute-force Python loops over
+positions in float64, the papers' formulas written with math.log / math.exp, and gradients derived by hand.
+"""
+import math
+
+import pytest
+import torch
+
+import dpo
+
+
+# ---------------------------------------------------------------------------- independent helpers
+def log_softmax_at(row, index):
+    """log softmax(row)[index] in float64 with plain Python: row is a list of floats."""
+    m = max(row)
+    return row[index] - (m + math.log(sum(math.exp(z - m) for z in row)))
+
+
+def brute_response_logps(logits, tokens, response_mask):
+    """Per row: (sum, count) over t >= 1 with response_mask[t] of log_softmax(logits[t - 1])[tokens[t]], Python loops."""
+    logits, tokens, response_mask = logits.double().tolist(), tokens.tolist(), response_mask.tolist()
+    out = []
+    for b in range(len(tokens)):
+        total, count = 0.0, 0
+        for t in range(1, len(tokens[b])):
+            if response_mask[b][t]:
+                total += log_softmax_at(logits[b][t - 1], tokens[b][t])
+                count += 1
+        out.append((total, count))
+    return out
+
+
+def log_sigmoid(z):
+    """log(1 / (1 + exp(-z))), written so neither branch overflows."""
+    return -math.log1p(math.exp(-z)) if z >= 0 else z - math.log1p(math.exp(z))
+
+
+def sigmoid(z):
+    return math.exp(log_sigmoid(z))
+
+
+def log_odds(a):
+    """log(p / (1 - p)) for p = e^a < 1, in float64: a - log(1 - e^a), the latter as log(-expm1(a))."""
+    return a - math.log(-math.expm1(a))
+
+
+def random_doubles(seed, n, low, high):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, generator=g, dtype=torch.float64) * (high - low) + low
+
+
+# ---------------------------------------------------------------------------- 1. the length-averaged log-likelihood
+def _gather_case(seed=0, B=4, T=12, V=23, dtype=torch.float32):
+    """Rows with prompts of 1..3 tokens, responses of different lengths and right padding of 0, 2, 4, ... positions."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(B, T, V, generator=g, dtype=torch.float64) * 3).to(dtype)
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    response_mask = torch.zeros(B, T, dtype=torch.bool)
+    spans = []
+    for b in range(B):
+        start, end = 1 + b % 3, T - 2 * b
+        response_mask[b, start:end] = True
+        spans.append((start, end))
+    return logits, tokens, response_mask, spans
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_average_sequence_logps_is_the_mean_over_response_tokens_by_a_float64_loop(dtype):
+    logits, tokens, response_mask, _ = _gather_case(dtype=dtype)
+    got = dpo.sequence_logps(logits, tokens, response_mask, average=True)
+    assert got.shape == (4,) and got.dtype == dtype
+    brute = brute_response_logps(logits, tokens, response_mask)
+    assert len({count for _, count in brute}) > 1, "the rows should have responses of different lengths"
+    expected = torch.tensor([total / count for total, count in brute], dtype=torch.float64)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_average_sequence_logps_ignores_prompt_and_padding():
+    logits, tokens, response_mask, spans = _gather_case(seed=1)
+    expected = torch.tensor([total / count for total, count in brute_response_logps(logits, tokens, response_mask)],
+                            dtype=torch.float64)
+    g = torch.Generator().manual_seed(7)
+    changed_logits, changed_tokens = logits.clone(), tokens.clone()
+    B, T, V = logits.shape
+    for b, (start, end) in enumerate(spans):
+        used_rows = set(range(start - 1, end - 1))  # only these logits rows predict response tokens
+        for t in range(T):
+            if t not in used_rows:
+                changed_logits[b, t] = torch.randn(V, generator=g) * 1e3
+        changed_tokens[b, :start] = torch.randint(0, V, (start,), generator=g)  # prompt tokens
+        changed_tokens[b, end:] = torch.randint(0, V, (T - end,), generator=g)  # padding
+    # appended padding, masked out, must not count in the sum nor in the number of tokens
+    changed_logits = torch.cat([changed_logits, torch.randn(B, 5, V, generator=g) * 50], dim=1)
+    changed_tokens = torch.cat([changed_tokens, torch.randint(0, V, (B, 5), generator=g)], dim=1)
+    longer_mask = torch.cat([response_mask, torch.zeros(B, 5, dtype=torch.bool)], dim=1)
+    got = dpo.sequence_logps(changed_logits, changed_tokens, longer_mask, average=True)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_average_times_response_length_is_the_sum():
+    logits, tokens, response_mask, spans = _gather_case(seed=2, dtype=torch.float64)
+    average = dpo.sequence_logps(logits, tokens, response_mask, average=True)
+    lengths = torch.tensor([end - start for start, end in spans], dtype=torch.float64)  # response tokens per row
+    brute_sums = torch.tensor([total for total, _ in brute_response_logps(logits, tokens, response_mask)], dtype=torch.float64)
+    torch.testing.assert_close(average * lengths, brute_sums, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(average * lengths, dpo.sequence_logps(logits, tokens, response_mask), rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------- 2. SimPO
+@pytest.mark.parametrize("beta,gamma", [(2.0, 0.5), (2.5, 1.4), (10.0, 0.0)])
+def test_simpo_loss_equals_its_formula_by_loops_in_float64(beta, gamma):
+    chosen, rejected = random_doubles(0, 16, -4.0, -0.1), random_doubles(1, 16, -4.0, -0.1)
+    losses = dpo.simpo_loss(chosen, rejected, beta, gamma)
+    assert losses.shape == (16,) and losses.dtype == torch.float64
+    for i in range(16):
+        margin = beta * (chosen[i].item() - rejected[i].item()) - gamma
+        expected = -math.log(1 / (1 + math.exp(-margin)))  # L = -log sigma(beta (avg_w - avg_l) - gamma)
+        assert losses[i].item() == pytest.approx(expected, rel=1e-12, abs=1e-14)
+
+
+def test_simpo_gradient_is_minus_and_plus_beta_times_one_minus_sigma_of_the_margin():
+    """dL/d avg_w = -beta (1 - sigma(m)) and dL/d avg_l = +beta (1 - sigma(m)), m = beta (avg_w - avg_l) - gamma."""
+    beta, gamma = 2.0, 0.5
+    chosen = random_doubles(2, 12, -3.0, -0.1).requires_grad_(True)
+    rejected = random_doubles(3, 12, -3.0, -0.1).requires_grad_(True)
+    dpo.simpo_loss(chosen, rejected, beta, gamma).sum().backward()
+    for i in range(12):
+        m = beta * (chosen[i].item() - rejected[i].item()) - gamma
+        assert chosen.grad[i].item() == pytest.approx(-beta * (1 - sigmoid(m)), rel=1e-10)
+        assert rejected.grad[i].item() == pytest.approx(beta * (1 - sigmoid(m)), rel=1e-10)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.6])
+def test_simpo_loss_is_ln_one_plus_e_gamma_at_equal_averages(gamma):
+    averages = random_doubles(4, 6, -5.0, -0.01)
+    for beta in (2.0, 2.5):
+        losses = dpo.simpo_loss(averages, averages.clone(), beta, gamma)
+        for loss in losses.tolist():
+            assert loss == pytest.approx(math.log(1 + math.exp(gamma)), rel=1e-12)
+
+
+def test_simpo_loss_is_finite_at_extreme_margins():
+    beta, gamma = 2.5, 0.5
+    chosen = torch.tensor([-1e-3, -5e3, -1e4, -80.0], requires_grad=True)  # float32
+    rejected = torch.tensor([-1e4, -1e-3, -1e-6, -1e4], requires_grad=True)
+    losses = dpo.simpo_loss(chosen, rejected, beta, gamma)
+    losses.sum().backward()
+    assert torch.isfinite(losses).all() and torch.isfinite(chosen.grad).all() and torch.isfinite(rejected.grad).all()
+    for i in range(4):
+        margin = beta * (chosen[i].item() - rejected[i].item()) - gamma
+        assert losses[i].item() == pytest.approx(-log_sigmoid(margin), rel=1e-6, abs=1e-30)
+    assert losses[1].item() == pytest.approx(-beta * (chosen[1].item() - rejected[1].item()) + gamma, rel=1e-6)  # linear
+    assert losses[0].item() >= 0 and chosen.grad[0].item() <= 0  # saturated, never negative
+
+
+# ---------------------------------------------------------------------------- 3. ORPO
+@pytest.mark.parametrize("lam", [0.1, 1.0])
+def test_orpo_loss_equals_its_formula_by_loops_in_float64(lam):
+    chosen, rejected = random_doubles(5, 16, -6.0, -0.01), random_doubles(6, 16, -6.0, -0.01)
+    losses = dpo.orpo_loss(chosen, rejected, lam)
+    assert losses.shape == (16,) and losses.dtype == torch.float64
+    for i in range(16):
+        a_w, a_l = chosen[i].item(), rejected[i].item()
+        odds_w, odds_l = math.exp(a_w) / (1 - math.exp(a_w)), math.exp(a_l) / (1 - math.exp(a_l))  # p / (1 - p)
+        ratio = odds_w / odds_l
+        expected = -a_w - lam * math.log(ratio / (1 + ratio))  # -log sigma(log OR) = -log(OR / (1 + OR))
+        assert losses[i].item() == pytest.approx(expected, rel=1e-10)
+
+
+def test_orpo_gradient_matches_hand_derivation():
+    """With d = log_odds(a_w) - log_odds(a_l) and d/da log_odds(a) = 1 / (1 - e^a):
+    dL/da_w = -1 - lam (1 - sigma(d)) / (1 - e^a_w) and dL/da_l = lam (1 - sigma(d)) / (1 - e^a_l)."""
+    lam = 0.5
+    chosen = random_doubles(7, 12, -4.0, -0.05).requires_grad_(True)
+    rejected = random_doubles(8, 12, -4.0, -0.05).requires_grad_(True)
+    dpo.orpo_loss(chosen, rejected, lam).sum().backward()
+    for i in range(12):
+        a_w, a_l = chosen[i].item(), rejected[i].item()
+        d = log_odds(a_w) - log_odds(a_l)
+        assert chosen.grad[i].item() == pytest.approx(-1 - lam * (1 - sigmoid(d)) / (1 - math.exp(a_w)), rel=1e-9)
+        assert rejected.grad[i].item() == pytest.approx(lam * (1 - sigmoid(d)) / (1 - math.exp(a_l)), rel=1e-9)
+
+
+NEAR_ZERO = [-1e-6, -1e-7, -1e-20, -1e-30]
+ORDINARY = [-0.7, -3.0]
+
+
+@pytest.mark.parametrize("lam", [0.1, 1.0])
+def test_orpo_is_finite_and_accurate_near_zero_in_float32(lam):
+    """Average log-probs this close to 0 are where 1 - exp(a) loses every digit in float32 (and is 0 below
+    -3e-8): the loss and its gradient stay finite and match a float64 reference computed from the same
+    float32 inputs with log(-expm1(a))."""
+    values = NEAR_ZERO + ORDINARY
+    pairs = [(w, l) for w in values for l in values]
+    chosen = torch.tensor([w for w, _ in pairs], dtype=torch.float32, requires_grad=True)
+    rejected = torch.tensor([l for _, l in pairs], dtype=torch.float32, requires_grad=True)
+    losses = dpo.orpo_loss(chosen, rejected, lam)
+    losses.sum().backward()
+    assert losses.dtype == torch.float32
+    assert torch.isfinite(losses).all() and torch.isfinite(chosen.grad).all() and torch.isfinite(rejected.grad).all()
+    for i in range(len(pairs)):
+        a_w, a_l = chosen[i].item(), rejected[i].item()  # the float32 values, exactly, in float64
+        expected = -a_w - lam * log_sigmoid(log_odds(a_w) - log_odds(a_l))
+        assert losses[i].item() == pytest.approx(expected, rel=2e-5, abs=1e-36), (a_w, a_l)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_orpo_at_an_average_of_exactly_zero_uses_the_smallest_normal_number(dtype):
+    """a = 0 (every token certain) has infinite odds; the loss treats it as -tiny, the dtype's smallest normal
+    number, so it stays finite; no gradient flows through those odds, while the NLL term keeps its -1."""
+    lam = 0.2
+    tiny = torch.finfo(dtype).tiny
+    chosen = torch.tensor([0.0, 0.0, -0.5, -1e-7], dtype=dtype, requires_grad=True)
+    rejected = torch.tensor([0.0, -1.0, 0.0, 0.0], dtype=dtype, requires_grad=True)
+    losses = dpo.orpo_loss(chosen, rejected, lam)
+    losses.sum().backward()
+    assert torch.isfinite(losses).all() and torch.isfinite(chosen.grad).all() and torch.isfinite(rejected.grad).all()
+    for i in range(4):
+        a_w, a_l = chosen[i].item(), rejected[i].item()
+        expected = -a_w - lam * log_sigmoid(log_odds(min(a_w, -tiny)) - log_odds(min(a_l, -tiny)))
+        assert losses[i].item() == pytest.approx(expected, rel=2e-5), (a_w, a_l)
+    assert chosen.grad[0].item() == chosen.grad[1].item() == -1.0  # the NLL alone
+    assert rejected.grad[0].item() == rejected.grad[2].item() == rejected.grad[3].item() == 0.0
+    assert losses[2].item() > 80 * lam  # a certain rejected response is a large, finite penalty
+
+
+def test_orpo_with_lambda_zero_is_the_mean_nll_of_the_chosen_response():
+    logits, tokens, response_mask, _ = _gather_case(seed=3, dtype=torch.float64)
+    chosen_avg = dpo.sequence_logps(logits[:2], tokens[:2], response_mask[:2], average=True)
+    rejected_avg = dpo.sequence_logps(logits[2:], tokens[2:], response_mask[2:], average=True)
+    losses = dpo.orpo_loss(chosen_avg, rejected_avg, lam=0.0)
+    brute = brute_response_logps(logits[:2], tokens[:2], response_mask[:2])
+    expected = torch.tensor([-total / count for total, count in brute], dtype=torch.float64)  # mean NLL per token
+    torch.testing.assert_close(losses, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dpo.orpo_loss(chosen_avg, rejected_avg - 3.0, lam=0.0), expected, rtol=1e-12, atol=1e-12)
+    assert (dpo.orpo_loss(chosen_avg, rejected_avg, lam=0.1) > losses).all()  # the odds term is a positive penalty
+
+
+# ---------------------------------------------------------------------------- 4. KTO
+DESIRABLE = [True, False, True, True, False, False, True, False, True, False]
+
+
+def kto_by_loop(policy, reference, desirable, z, beta, w_d, w_u):
+    out = []
+    for p, r, d in zip(policy.tolist(), reference.tolist(), desirable):
+        reward = p - r
+        out.append(w_d * (1 - sigmoid(beta * (reward - z))) if d else w_u * (1 - sigmoid(beta * (z - reward))))
+    return out
+
+
+@pytest.mark.parametrize("beta,w_d,w_u", [(0.1, 1.0, 1.0), (0.5, 1.33, 1.0), (1.0, 1.0, 2.5)])
+def test_kto_loss_equals_its_formula_by_loops_for_mixed_rows_and_weights(beta, w_d, w_u):
+    policy, reference = random_doubles(9, 10, -60.0, -20.0), random_doubles(10, 10, -60.0, -20.0)
+    kl = torch.tensor(0.7, dtype=torch.float64)
+    losses = dpo.kto_loss(policy, reference, torch.tensor(DESIRABLE), kl, beta, w_d, w_u)
+    assert losses.shape == (10,) and losses.dtype == torch.float64
+    expected = kto_by_loop(policy, reference, DESIRABLE, 0.7, beta, w_d, w_u)
+    for got, want in zip(losses.tolist(), expected):
+        assert got == pytest.approx(want, rel=1e-10)
+
+
+def test_kto_kl_gets_no_gradient_while_policy_logps_does():
+    beta, w_d, w_u = 0.5, 1.2, 0.8
+    policy = random_doubles(11, 10, -30.0, -10.0).requires_grad_(True)
+    reference = random_doubles(12, 10, -30.0, -10.0)
+    kl = torch.tensor(0.9, dtype=torch.float64, requires_grad=True)
+    dpo.kto_loss(policy, reference, torch.tensor(DESIRABLE), kl, beta, w_d, w_u).sum().backward()
+    assert kl.grad is None or kl.grad.item() == 0.0
+    for i, desirable in enumerate(DESIRABLE):
+        reward = policy[i].item() - reference[i].item()
+        if desirable:  # d/dr w_D (1 - sigma(beta (r - z))) = -w_D beta sigma'(beta (r - z))
+            s = sigmoid(beta * (reward - 0.9))
+            expected = -w_d * beta * s * (1 - s)
+        else:  # d/dr w_U (1 - sigma(beta (z - r))) = +w_U beta sigma'(beta (z - r))
+            s = sigmoid(beta * (0.9 - reward))
+            expected = w_u * beta * s * (1 - s)
+        assert policy.grad[i].item() == pytest.approx(expected, rel=1e-9)
+        assert policy.grad[i].item() != 0.0
+
+
+def test_kto_treats_a_negative_kl_as_zero():
+    beta = 0.5
+    policy, reference = random_doubles(13, 10, -30.0, -10.0), random_doubles(14, 10, -30.0, -10.0)
+    desirable = torch.tensor(DESIRABLE)
+    losses = dpo.kto_loss(policy, reference, desirable, torch.tensor(-0.8, dtype=torch.float64), beta)
+    expected = kto_by_loop(policy, reference, DESIRABLE, 0.0, beta, 1.0, 1.0)
+    shifted = kto_by_loop(policy, reference, DESIRABLE, -0.8, beta, 1.0, 1.0)  # what z = kl would give
+    assert max(abs(a - b) for a, b in zip(expected, shifted)) > 1e-3
+    for got, want in zip(losses.tolist(), expected):
+        assert got == pytest.approx(want, rel=1e-10)
+
+
+@pytest.mark.parametrize("w_d,w_u", [(1.0, 1.0), (1.33, 0.75)])
+def test_kto_loss_is_half_the_weight_when_policy_equals_reference_and_kl_is_zero(w_d, w_u):
+    logps = random_doubles(15, 10, -40.0, -5.0)
+    losses = dpo.kto_loss(logps, logps.clone(), torch.tensor(DESIRABLE), torch.tensor(0.0, dtype=torch.float64), 0.1, w_d, w_u)
+    for loss, desirable in zip(losses.tolist(), DESIRABLE):
+        assert loss == (w_d if desirable else w_u) * 0.5

@@ -1,7 +1,7 @@
 """
 Throughput of the project's hot loops on a randomly initialised GPT fed random tokens: an SFT
-step, a DPO step with a live reference model and with precomputed reference log-probs, and
-KV-cache sampling. Each runs the trainers' own functions (losses, optimizers, autocast), so the
+step, a DPO step with a live reference model and with precomputed reference log-probs,
+KV-cache sampling, and a PPO step (rollout and update). Each runs the trainers' own functions (losses, optimizers, autocast), so the
 numbers predict the real runs. FLOPs are counted explicitly; MFU where the GPU's peak is known.
 
     python bench.py                    # preset by device: cpu or gpu
@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 import dpo
+import ppo
 import sample
 import sft
 from checkpoint import save_json
@@ -173,6 +174,38 @@ def bench_sample(cfg, device):
             "tokens/s", flops, f"2N + 4LC x context, context={context:g}")
 
 
+def bench_ppo(cfg, device):
+    """One PPO step on sample_batch_size prompts: ppo.rollout (sampling, the policy's and reference's
+    log-probs, the critic's values, GAE) then ppo.update (2 epochs of 4 minibatches), as ppo.train_ppo
+    takes them. The reward is a stand-in (random scores): scoring is not PPO's cost."""
+    policy = new_model(cfg, device).train()
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    critic = ppo.Critic(policy.config)
+    critic.gpt.load_state_dict(reference.state_dict())
+    critic.to(device)
+    trainer = ppo.PPOConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.sample_batch_size,
+                            minibatch_size=max(1, cfg.sample_batch_size // 4))  # the trainer's other defaults
+    optimizers = (adamw(policy, trainer.lr, 0.0, (0.9, 0.95), device), adamw(critic, trainer.critic_lr, 0.0, (0.9, 0.95), device))
+    prompts = random_prompts(cfg.sample_batch_size, torch.Generator().manual_seed(cfg.seed))
+    scores = torch.rand(len(prompts), generator=torch.Generator().manual_seed(cfg.seed)).double().numpy()
+
+    def step():
+        policy.eval()
+        batch, _ = ppo.rollout(policy, reference, critic, prompts, lambda texts: scores, (0.0, 1.0), trainer.init_kl_coef,
+                               trainer, step=0)
+        policy.train()
+        ppo.update(policy, critic, optimizers, batch, trainer, trainer.lr, step=0)
+
+    seconds = median_seconds(step, cfg, device)
+    L, T, N = cfg.max_new_tokens, max(len(p) for p in prompts) + cfg.max_new_tokens, policy.num_params()
+    # per rollout: sampling L tokens (2N each), the policy's and reference's forward over T tokens
+    # (2 x 2N each), and per epoch the policy's forward + backward (6N per token). The critic (the
+    # trunk alone) and attention are left out, so the count is a little low.
+    flops = L * 2 * N + T * 4 * N + trainer.epochs * T * 6 * N
+    return (f"{cfg.sample_batch_size} x {cfg.max_new_tokens}", cfg.sample_batch_size / seconds, "samples/s", flops,
+            f"L(2N) + T(4N) + epochs x T(6N), L={L}, T={T}, epochs={trainer.epochs}")
+
+
 # ---------------------------------------------------------------------------- the report
 def check_out_json(path):
     """--out-json must be a file whose folder exists or can be made: checked before the benchmarks
@@ -197,7 +230,7 @@ def print_table(rows):
 
 def main(argv=None):
     cfg = parse_config(BenchConfig, argv, presets=PRESETS, default_preset="gpu" if torch.cuda.is_available() else "cpu",
-                              description="Throughput and MFU of SFT, DPO and sampling on a random model.")
+                              description="Throughput and MFU of SFT, DPO, sampling and PPO on a random model.")
     if cfg.out_json:
         check_out_json(cfg.out_json)
     device = pick_device(cfg.device)
@@ -209,6 +242,7 @@ def main(argv=None):
         "dpo, live reference": lambda: bench_dpo(cfg, device, live_reference=True),
         "dpo, precomputed reference": lambda: bench_dpo(cfg, device, live_reference=False),
         "sample, kv cache": lambda: bench_sample(cfg, device),
+        "ppo step (rollout + update)": lambda: bench_ppo(cfg, device),
     }
     rows = []
     for name, run in benchmarks.items():

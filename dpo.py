@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from checkpoint import load_model, resume, save_checkpoint, training_checkpoint
 from cli import UserError, check, parse_config, run_main
@@ -27,9 +28,11 @@ from optim import add_metrics, adamw, apply_gradients, batch_indices
 from progress import Progress
 
 # a checkpoint continues only the run these settings define
-RESUME_FIELDS = ("sft", "pairs", "beta", "loss_type", "alpha", "label_smoothing", "batch_size", "optimizer", "lr",
+RESUME_FIELDS = ("sft", "pairs", "beta", "loss_type", "alpha", "gamma", "lam", "desirable_weight", "undesirable_weight",
+                 "label_smoothing", "batch_size", "optimizer", "lr",
                  "warmup_steps", "max_length", "append_eot", "seed")
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "unlikelihood")
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "kto", "simpo", "orpo", "unlikelihood")
+REFERENCE_FREE = ("simpo", "orpo", "unlikelihood")  # the losses that need no pi_ref
 
 
 # ---------------------------------------------------------------------------- the math
@@ -135,6 +138,44 @@ def kto_loss(policy_logps, reference_logps, desirable, kl, beta, desirable_weigh
     return torch.where(desirable,
                        desirable_weight * torch.sigmoid(beta * (z - rewards)),  # L_D = w_D * (1 - sigma(beta * (r - z)))
                        undesirable_weight * torch.sigmoid(beta * (rewards - z)))  # L_U = w_U * (1 - sigma(beta * (z - r)))
+
+
+def preference_losses(cfg, policy_token_logps, response_mask, reference_logps=None):
+    """The loss of cfg.loss_type, per example, and the step's metrics. The rows are [chosen; rejected]
+    (B each); for KTO they are [chosen; chosen after the next pair's prompt; rejected; rejected after
+    the next pair's prompt], the mismatched rows giving KTO's KL estimate. policy_token_logps and
+    response_mask (R, T-1), the log-probs zero off the response; reference_logps (R,) the
+    reference's log pi_ref(y|x), or None for the losses without a reference."""
+    logps = policy_token_logps.sum(-1)  # log pi(y|x), (R,)
+    averages = logps / response_mask.sum(-1)  # (1/|y|) log pi(y|x): SimPO's and ORPO's likelihood
+    if cfg.loss_type in ("sigmoid", "ipo", "hinge"):
+        losses, chosen_rewards, rejected_rewards = dpo_loss(*logps.chunk(2), *reference_logps.chunk(2), cfg.beta,
+                                                            cfg.label_smoothing, cfg.loss_type)  # Eq. 7
+        rewards = torch.cat([chosen_rewards, rejected_rewards])
+    elif cfg.loss_type == "kto":
+        (logps, mismatched), (reference_logps, reference_mismatched) = (
+            rearrange(x, "(side group b) -> group (side b)", side=2, group=2) for x in (logps, reference_logps))
+        kl = (mismatched - reference_mismatched).mean()  # the batch's KL(pi || pi_ref) estimate, z before max(., 0)
+        desirable = torch.arange(len(logps), device=logps.device) < len(logps) // 2  # chosen -> desirable
+        losses = kto_loss(logps, reference_logps, desirable, kl, cfg.beta, cfg.desirable_weight, cfg.undesirable_weight)
+        rewards = cfg.beta * (logps - reference_logps).detach()
+    elif cfg.loss_type == "simpo":
+        losses = simpo_loss(*averages.chunk(2), cfg.beta, cfg.gamma)
+        rewards = cfg.beta * averages.detach()  # SimPO's implicit reward: no reference
+    elif cfg.loss_type == "orpo":
+        losses = orpo_loss(*averages.chunk(2), cfg.lam)
+        rewards = None
+    else:  # unlikelihood: token by token
+        losses = unlikelihood_loss(*policy_token_logps.chunk(2), *response_mask.chunk(2), cfg.alpha)
+        rewards = None
+    chosen_logps, rejected_logps = logps.detach().chunk(2)
+    metrics = {"logps/chosen": chosen_logps.mean(), "logps/rejected": rejected_logps.mean()}
+    if rewards is not None:
+        chosen_rewards, rejected_rewards = rewards.chunk(2)
+        metrics.update({"rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
+                        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+                        "rewards/margins": (chosen_rewards - rejected_rewards).mean()})
+    return losses, metrics
 
 
 # ---------------------------------------------------------------------------- preference data
@@ -255,8 +296,12 @@ class DPOConfig:
     out: str = field(default="out/dpo", metadata={"help": "run folder for checkpoint and log"})
     name: str = field(default="dpo", metadata={"help": "checkpoint is OUT/NAME.pt, log OUT/NAME_log.jsonl"})
     beta: float = field(default=0.1, metadata={"help": "KL strength beta (paper: 0.1)"})
-    loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (Eq. 7) | ipo | hinge | unlikelihood (a baseline; no reference)"})
+    loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (Eq. 7) | ipo | hinge | kto | simpo | orpo | unlikelihood (simpo, orpo, unlikelihood: no reference)"})
     alpha: float = field(default=1.0, metadata={"help": "unlikelihood: weight of the unlikelihood term (paper: 0.05-1)"})
+    gamma: float = field(default=0.5, metadata={"help": "simpo: target reward margin (SimPO: 0.5, with beta 2.0)"})
+    lam: float = field(default=0.1, metadata={"help": "orpo: weight of the odds-ratio term (ORPO: 0.1)"})
+    desirable_weight: float = field(default=1.0, metadata={"help": "kto: weight of desirable (chosen) examples"})
+    undesirable_weight: float = field(default=1.0, metadata={"help": "kto: weight of undesirable (rejected) examples"})
     label_smoothing: float = field(default=0.0, metadata={"help": "conservative DPO: probability a label is flipped"})
     batch_size: int = field(default=64, metadata={"help": "pairs per optimizer step (paper: 64)"})
     micro_batch_size: int = field(default=64, metadata={"help": "pairs per forward pass (gradient accumulation)"})
@@ -280,7 +325,11 @@ class DPOConfig:
     def validate(self):
         check(self.beta > 0, f"--beta must be > 0, got {self.beta}")
         check(self.loss_type in LOSS_TYPES, f"--loss-type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
-        check(self.alpha >= 0, f"--alpha must be >= 0, got {self.alpha}")
+        check(self.alpha >= 0 and self.lam >= 0 and self.desirable_weight > 0 and self.undesirable_weight > 0,
+              "--alpha and --lam must be >= 0, --desirable-weight and --undesirable-weight > 0")
+        check(self.loss_type != "kto" or (self.micro_batch_size >= 2 and not self.precompute_ref),
+              "--loss-type kto needs --micro-batch-size of at least 2 (its KL estimate pairs each prompt with another "
+              "pair's responses) and a live reference (no --precompute-ref)")
         check(0 <= self.label_smoothing < 0.5, f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}")
         check(self.batch_size > 0 and self.micro_batch_size > 0, "--batch-size and --micro-batch-size must be positive")
         check(self.batch_size % self.micro_batch_size == 0,
@@ -301,30 +350,24 @@ def dpo_step(policy, optimizer, micro_batches, reference, cfg, max_length, lr, s
     device = next(policy.parameters()).device
     metrics = {}
     for pairs, precomputed in micro_batches:
+        if cfg.loss_type == "kto":  # KTO's KL estimate: each prompt followed by the next pair's responses
+            pairs = pairs + [PreferencePair(p.prompt, q.chosen, q.rejected) for p, q in zip(pairs, pairs[1:] + pairs[:1])]
         tokens, response_mask = collate(pairs, max_length, device, cfg.append_eot)  # (2B, T): [chosen; rejected]
+        mask = response_mask[:, 1:]  # (2B, T-1): token 0 has no prediction; it is always prompt
         with autocast(device.type):
-            if cfg.loss_type == "unlikelihood":  # token by token, and no reference
-                policy_token_logps = token_logps(forward(tokens), tokens)  # (2B, T-1)
-                mask = response_mask[:, 1:]  # (2B, T-1)
-                losses = unlikelihood_loss(*policy_token_logps.chunk(2), *mask.chunk(2), cfg.alpha)
-                policy_chosen, policy_rejected = torch.where(mask, policy_token_logps.detach(), 0.0).sum(-1).chunk(2)
-                step_metrics = {}
-            else:
-                policy_chosen, policy_rejected = concatenated_logps(forward, tokens, response_mask)  # log pi(y|x), (B,) each
+            # one forward over [chosen; rejected]: log pi(y_t | x, y_<t) of every response token
+            policy_token_logps = torch.where(mask, token_logps(forward(tokens), tokens), 0.0)  # (2B, T-1)
+            reference_logps = None
+            if cfg.loss_type not in REFERENCE_FREE:
                 if precomputed is not None:
-                    ref_chosen, ref_rejected = precomputed.to(device).unbind(1)
+                    reference_logps = torch.cat(precomputed.to(device).unbind(1))  # (B, 2) -> [chosen; rejected]
                 else:
                     with torch.no_grad():
-                        ref_chosen, ref_rejected = concatenated_logps(reference, tokens, response_mask)  # log pi_ref(y|x)
-                losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-                                                                    cfg.beta, cfg.label_smoothing, cfg.loss_type)  # Eq. 7
-                step_metrics = {"rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
-                                "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-                                "rewards/margins": (chosen_rewards - rejected_rewards).mean()}
+                        reference_logps = sequence_logps(reference(tokens), tokens, response_mask)  # log pi_ref(y|x)
+            losses, step_metrics = preference_losses(cfg, policy_token_logps, mask, reference_logps)
         loss = losses.mean()
         (loss / len(micro_batches)).backward()  # the step's gradient is the mean over its micro-batches
-        add_metrics(metrics, {"loss": loss, **step_metrics, "logps/chosen": policy_chosen.detach().mean(),
-                              "logps/rejected": policy_rejected.detach().mean()}, len(micro_batches))
+        add_metrics(metrics, {"loss": loss, **step_metrics}, len(micro_batches))
     return apply_gradients(policy, optimizer, metrics, lr, cfg.grad_clip, step)
 
 
@@ -338,7 +381,7 @@ def train_dpo(cfg, pairs=None, evaluate=None):
     if max_length > policy.config.block_size:
         raise UserError(f"--max-length {max_length} exceeds the model's context of {policy.config.block_size}")
     pairs = pairs if pairs is not None else read_pairs(cfg.pairs, max_length, cfg.skip_bad_lines)
-    needs_reference = cfg.loss_type != "unlikelihood"
+    needs_reference = cfg.loss_type not in REFERENCE_FREE
     reference = load_model(cfg.sft).to(device).eval().requires_grad_(False) if needs_reference else None
     policy.train()  # dropout is 0 in both: the log-probs of the policy and the reference are deterministic
     total = cfg.max_steps or max(1, int(cfg.epochs * len(pairs) / cfg.batch_size))

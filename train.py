@@ -10,7 +10,8 @@ The paper's controlled-sentiment experiment (IMDb, Figure 2 left), end to end. T
   methods   every method of METHODS, evaluated on held-out test prefixes -> OUT/<run>/eval.jsonl
   report    results.jsonl, frontier.png, summary tables, samples before/after DPO
 
-The methods (--methods picks some; each is one entry of METHODS in train.py):
+The methods (each one entry of METHODS in train.py). --methods picks some, or a group: figure2 (the
+default: the paper's Figure 2), dpo-family (DPO beside IPO, KTO, SimPO and ORPO), or all:
 
   sft_point     the SFT model itself, the KL = 0 point                  -> OUT/sft_point/
   preferred_ft  SFT continued on the best completion of each prefix      -> OUT/preferred_ft/
@@ -19,6 +20,7 @@ The methods (--methods picks some; each is one entry of METHODS in train.py):
   ppo           PPO on the learned reward (rm.pt), for each target KL    -> OUT/ppo_kl<target>/
   ppo_gt        PPO on the ground-truth reward, for each target KL       -> OUT/ppo_gt_kl<target>/
   best_of_n     the best of N SFT samples under rm.pt, for each N         -> OUT/best_of_n<N>/
+  ipo, kto, simpo, orpo   the DPO family's losses, with DPO's settings    -> OUT/<method>_<setting>/
 
 OUT/settings.json records, for each stage and each method run, the settings its artifacts were
 made with. A stage or run already done with the current settings is skipped (a killed run continues
@@ -28,6 +30,7 @@ redoes the ones that run, and --stage NAME runs one stage.
     python train.py                   # preset gpu when CUDA is present, else cpu
     python train.py --preset smoke    # seconds; numbers meaningless
     python train.py --stage methods --methods dpo --betas 0.1
+    python train.py --methods dpo-family
 """
 import functools
 import hashlib
@@ -42,12 +45,12 @@ from typing import Callable
 import numpy as np
 import torch
 
+from bradley_terry import BradleyTerryConfig, train_bradley_terry
 from checkpoint import atomic_write, load_model, read_json, read_jsonl, save_json, write_jsonl
 from cli import UserError, check, parse_config, run_main
 from data import EOT, get_encoding, load_imdb, make_prefixes
 from device import barrier, hardware_name, is_main, local_slice, print0, rank, setup_device
-from bradley_terry import BradleyTerryConfig, train_bradley_terry
-from dpo import DPOConfig, train_dpo
+from dpo import REFERENCE_FREE, DPOConfig, train_dpo
 from evaluate import Evaluator, plot_frontier, score_completions, shown_kl
 from pairs import best_completions, sample_and_label
 from ppo import PPOConfig, train_ppo
@@ -214,12 +217,19 @@ def pft_config(cfg, folder):
                      eval_batches=2, save_interval=cfg.pft_steps, seed=cfg.seed, device=cfg.device, compile=False)
 
 
-def run_dpo(run, folder, beta):
-    """DPO (dpo.py) at one beta, evaluated at step 0, every eval_interval steps and at the end."""
+def run_preference_loss(run, folder, method, loss_type, name, **loss_settings):
+    """A loss of dpo.py on the offline pairs: DPO itself, its family (IPO, KTO, SimPO, ORPO) or the
+    Unlikelihood baseline, each trained exactly as DPO is (dpo.py's trainer, DPO's steps, batch,
+    optimizer and lr) and evaluated every eval_interval steps. The losses with a reference also
+    report the implicit reward's accuracy, beta log(pi / pi_ref) (Eq. 5)."""
     log = os.path.join(folder, "eval.jsonl")
-    train_dpo(dpo_config(run.cfg, folder, beta),
-              evaluate=lambda step, policy: run.evaluator(policy, "DPO", f"beta={beta:g}", step, log, implicit_beta=beta))
-    return throughput([os.path.join(folder, "dpo_log.jsonl")], "pairs_per_s", "dpo_")
+    config = replace(dpo_config(run.cfg, folder, loss_settings.get("beta", 1.0)), name=name, loss_type=loss_type,
+                     precompute_ref=run.cfg.precompute_ref and loss_type != "kto",  # KTO's mismatched rows need pi_ref live
+                     **loss_settings)
+    setting = ", ".join(f"{k}={v:g}" for k, v in loss_settings.items())
+    implicit_beta = None if loss_type in REFERENCE_FREE else config.beta
+    train_dpo(config, evaluate=lambda step, policy: run.evaluator(policy, method, setting, step, log, implicit_beta=implicit_beta))
+    return throughput([os.path.join(folder, f"{name}_log.jsonl")], "pairs_per_s", f"{name}_")
 
 
 def dpo_config(cfg, folder, beta):
@@ -229,15 +239,6 @@ def dpo_config(cfg, folder, beta):
                      max_steps=cfg.dpo_steps, append_eot=False, precompute_ref=cfg.precompute_ref,
                      log_interval=max(1, cfg.eval_interval // 5), eval_interval=cfg.eval_interval,
                      save_interval=cfg.eval_interval, seed=cfg.seed, device=cfg.device)
-
-
-def run_unlikelihood(run, folder, alpha):
-    """The paper's Unlikelihood baseline: DPO's trainer, pairs and settings, with dpo.unlikelihood_loss
-    in place of Eq. 7 (and no reference model)."""
-    log = os.path.join(folder, "eval.jsonl")
-    config = replace(dpo_config(run.cfg, folder, 1.0), name="unlikelihood", loss_type="unlikelihood", alpha=alpha)
-    train_dpo(config, evaluate=lambda step, policy: run.evaluator(policy, "Unlikelihood", f"alpha={alpha:g}", step, log))
-    return throughput([os.path.join(folder, "unlikelihood_log.jsonl")], "pairs_per_s", "unlikelihood_")
 
 
 def run_ppo(run, folder, target_kl, reward):
@@ -336,9 +337,10 @@ def frontier_table(rows):
 
 
 def implicit_table(rows):
-    """Eq. 5 measured: how often beta log(pi / pi_ref) orders held-out and training pairs as the ground truth does."""
-    lines = ["| DPO | step | implicit-reward accuracy, held-out pairs | on training pairs |", "|---|---|---|---|"]
-    lines += [f"| {r['setting']} | {r['step']} | {r['implicit_acc_heldout']:.3f} | {r['implicit_acc_train']:.3f} |"
+    """Eq. 5 measured: how often beta log(pi / pi_ref) orders held-out and training pairs as the ground
+    truth does, for each method with a reference (DPO, IPO, KTO)."""
+    lines = ["| method | setting | step | implicit-reward accuracy, held-out pairs | on training pairs |", "|---|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['setting']} | {r['step']} | {r['implicit_acc_heldout']:.3f} | {r['implicit_acc_train']:.3f} |"
               for r in rows if "implicit_acc_heldout" in r]
     return lines
 
@@ -416,27 +418,41 @@ STAGES = {
     "report": Stage(run_report, None, ()),  # None: cheap, so always redone, its files replaced whole
 }
 
+DPO_FIELDS = ("dpo_steps", "dpo_batch_size", "dpo_micro_batch_size", "dpo_optimizer", "dpo_lr", "dpo_warmup_steps",
+              "precompute_ref", "eval_interval")
 PPO_FIELDS = ("ppo_steps", "ppo_batch_size", "ppo_minibatch_size", "ppo_epochs", "ppo_lr", "ppo_init_kl_coef", "ppo_eval_interval")
 METHODS = {
     "sft_point": Method(run_sft_point, lambda cfg: {"sft_point": {}}, ()),
     "preferred_ft": Method(run_preferred_ft, lambda cfg: {"preferred_ft": {}} if cfg.pft_steps else {},
                            ("pft_steps", "pft_lr")),
-    "dpo": Method(run_dpo, lambda cfg: {f"dpo_beta{beta:g}": {"beta": beta} for beta in cfg.beta_list()},
-                  ("dpo_steps", "dpo_batch_size", "dpo_micro_batch_size", "dpo_optimizer", "dpo_lr", "dpo_warmup_steps",
-                   "precompute_ref", "eval_interval")),
-    "unlikelihood": Method(run_unlikelihood, lambda cfg: {f"unlikelihood_alpha{a:g}": {"alpha": a} for a in cfg.number_list("ul_alphas")},
-                           ("dpo_steps", "dpo_batch_size", "dpo_micro_batch_size", "dpo_optimizer", "dpo_lr", "dpo_warmup_steps",
-                            "eval_interval")),
+    "dpo": Method(functools.partial(run_preference_loss, method="DPO", loss_type="sigmoid", name="dpo"),
+                  lambda cfg: {f"dpo_beta{beta:g}": {"beta": beta} for beta in cfg.beta_list()}, DPO_FIELDS),
+    "unlikelihood": Method(functools.partial(run_preference_loss, method="Unlikelihood", loss_type="unlikelihood", name="unlikelihood"),
+                           lambda cfg: {f"unlikelihood_alpha{a:g}": {"alpha": a} for a in cfg.number_list("ul_alphas")},
+                           DPO_FIELDS),
     "ppo": Method(run_ppo, lambda cfg: {f"ppo_kl{t:g}": {"target_kl": t, "reward": "rm.pt"} for t in cfg.number_list("ppo_target_kls")},
                   PPO_FIELDS),
     "ppo_gt": Method(run_ppo, lambda cfg: {f"ppo_gt_kl{t:g}": {"target_kl": t, "reward": "reward.pt"}
                                            for t in cfg.number_list("ppo_target_kls")}, PPO_FIELDS),
     "best_of_n": Method(run_best_of_n, lambda cfg: {f"best_of_n{n:g}": {"n": int(n)} for n in cfg.number_list("bon_ns")}, ()),
+    # the DPO family of the seeds' variants table, on the same pairs with DPO's settings
+    "ipo": Method(functools.partial(run_preference_loss, method="IPO", loss_type="ipo", name="ipo"),
+                  lambda cfg: {f"ipo_beta{cfg.ipo_beta:g}": {"beta": cfg.ipo_beta}}, DPO_FIELDS),
+    "kto": Method(functools.partial(run_preference_loss, method="KTO", loss_type="kto", name="kto"),
+                  lambda cfg: {f"kto_beta{cfg.kto_beta:g}": {"beta": cfg.kto_beta}}, DPO_FIELDS),
+    "simpo": Method(functools.partial(run_preference_loss, method="SimPO", loss_type="simpo", name="simpo"),
+                    lambda cfg: {f"simpo_beta{cfg.simpo_beta:g}_gamma{cfg.simpo_gamma:g}":
+                                 {"beta": cfg.simpo_beta, "gamma": cfg.simpo_gamma}}, DPO_FIELDS),
+    "orpo": Method(functools.partial(run_preference_loss, method="ORPO", loss_type="orpo", name="orpo"),
+                   lambda cfg: {f"orpo_lambda{cfg.orpo_lambda:g}": {"lam": cfg.orpo_lambda}}, DPO_FIELDS),
 }
+# --methods may name a group: the paper's Figure 2 (the default), or the DPO family
+METHOD_GROUPS = {"figure2": ("sft_point", "preferred_ft", "dpo", "unlikelihood", "ppo", "ppo_gt", "best_of_n"),
+                 "dpo-family": ("sft_point", "dpo", "ipo", "kto", "simpo", "orpo")}
 # TrainConfig fields no artifact depends on: where and how the run goes, not what it computes
 # (the sweeps, too: each of their values is a run of its own, recorded with its value)
 NOT_RECORDED = ("out", "stage", "methods", "force", "data", "data_verify", "device", "compile", "betas", "ul_alphas",
-                "ppo_target_kls", "bon_ns")
+                "ppo_target_kls", "bon_ns", "ipo_beta", "kto_beta", "simpo_beta", "simpo_gamma", "orpo_lambda")
 
 
 # ---------------------------------------------------------------------------- the experiment's settings
@@ -444,7 +460,8 @@ NOT_RECORDED = ("out", "stage", "methods", "force", "data", "data_verify", "devi
 class TrainConfig:
     out: str = field(default="out", metadata={"help": "run folder for every artifact"})
     stage: str = field(default="all", metadata={"help": "all | " + " | ".join(STAGES)})
-    methods: str = field(default="all", metadata={"help": "all, or a comma-separated list of " + ", ".join(METHODS)})
+    methods: str = field(default="figure2", metadata={"help": "figure2 (the paper's Figure 2), dpo-family, all, or a comma-separated list of "
+                                                                + ", ".join(METHODS)})
     force: bool = field(default=False, metadata={"help": "redo the stages that run, even if their artifacts exist"})
     data: str = field(default=None, metadata={"help": "IMDb archive or aclImdb/ folder (else $IMDB_ARCHIVE, data/, download)"})
     data_verify: bool = field(default=True, metadata={"help": "require the full 25k/25k/50k archive"})
@@ -467,7 +484,7 @@ class TrainConfig:
     reward_order: int = field(default=4, metadata={"help": "reward: n-grams of 1..order tokens"})
     reward_bits: int = field(default=24, metadata={"help": "reward: 2**bits hashed n-gram weights"})
     reward_test_reviews: int = field(default=0, metadata={"help": "reward: test reviews for its accuracy (0 = all 25k)"})
-    judge_steps: int = field(default=300, metadata={"help": "judge: optimizer steps"})
+    judge_steps: int = field(default=240, metadata={"help": "judge: optimizer steps"})
     judge_batch_size: int = field(default=32, metadata={"help": "judge: reviews per step"})
     judge_lr: float = field(default=3e-4, metadata={"help": "judge: peak learning rate"})
     judge_max_len: int = field(default=64, metadata={"help": "judge: longest training crop, in tokens"})
@@ -486,9 +503,9 @@ class TrainConfig:
     dpo_optimizer: str = field(default="rmsprop", metadata={"help": "rmsprop (paper) | adamw"})
     dpo_lr: float = field(default=3e-4, metadata={"help": "DPO learning rate (paper: 1e-6 for GPT-2-large)"})
     dpo_warmup_steps: int = field(default=10, metadata={"help": "DPO linear warm-up (paper: 150)"})
-    precompute_ref: bool = field(default=False, metadata={"help": "precompute reference log-probs once"})
+    precompute_ref: bool = field(default=False, metadata={"help": "precompute reference log-probs of every pair once (worth it when the run sees most pairs; not for KTO)"})
     # 5. baselines
-    pft_steps: int = field(default=60, metadata={"help": "Preferred-FT optimizer steps (0 = skip)"})
+    pft_steps: int = field(default=30, metadata={"help": "Preferred-FT optimizer steps (0 = skip)"})
     pft_lr: float = field(default=1e-4, metadata={"help": "Preferred-FT learning rate"})
     ul_alphas: str = field(default="0.5", metadata={"help": "Unlikelihood: comma-separated alphas, each trained with DPO's settings (paper: 0.05,0.1,0.5,1)"})
     bon_ns: str = field(default="1,4,16", metadata={"help": "Best-of-N: comma-separated N (GPU preset: 1,4,16,64)"})
@@ -498,21 +515,27 @@ class TrainConfig:
     rm_lr: float = field(default=1e-4, metadata={"help": "reward model: peak learning rate"})
     ppo_target_kls: str = field(default="6", metadata={"help": "PPO and PPO-GT: comma-separated target KLs (paper: 3,6,9,12)"})
     ppo_steps: int = field(default=20, metadata={"help": "PPO steps (rollout batch + updates) per target KL"})
-    ppo_batch_size: int = field(default=64, metadata={"help": "PPO rollouts per step (the paper's authors mention 1,024)"})
+    ppo_batch_size: int = field(default=48, metadata={"help": "PPO rollouts per step (the paper's authors mention 1,024)"})
     ppo_minibatch_size: int = field(default=16, metadata={"help": "PPO rollouts per optimizer step"})
     ppo_epochs: int = field(default=2, metadata={"help": "PPO passes over each rollout batch"})
     ppo_lr: float = field(default=3e-4, metadata={"help": "PPO policy learning rate (the critic's is 10x)"})
     ppo_init_kl_coef: float = field(default=0.05, metadata={"help": "PPO beta_KL at the start; it adapts toward the target KL"})
     ppo_eval_interval: int = field(default=10, metadata={"help": "PPO steps between evaluations"})
-    # 7. evaluation
+    # 7. the DPO family (--methods dpo-family), each trained with DPO's settings
+    ipo_beta: float = field(default=0.1, metadata={"help": "IPO: beta (its target margin is 1 / (2 beta))"})
+    kto_beta: float = field(default=0.1, metadata={"help": "KTO: beta"})
+    simpo_beta: float = field(default=2.0, metadata={"help": "SimPO: beta (SimPO's default 2.0)"})
+    simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO: target reward margin gamma (SimPO's default 0.5)"})
+    orpo_lambda: float = field(default=0.1, metadata={"help": "ORPO: weight of the odds-ratio term (ORPO's default 0.1)"})
+    # 8. evaluation
     eval_interval: int = field(default=40, metadata={"help": "DPO steps between evaluations (paper: 100)"})
-    eval_prefixes: int = field(default=128, metadata={"help": "held-out test prefixes per evaluation"})
+    eval_prefixes: int = field(default=96, metadata={"help": "held-out test prefixes per evaluation"})
 
     def validate(self):
         check(self.stage == "all" or self.stage in STAGES, f"--stage must be all or one of {', '.join(STAGES)}, got {self.stage!r}")
         unknown = [m for m in self.method_list() if m not in METHODS]
         check(self.method_list() and not unknown,
-              f"--methods must be all or a comma-separated list of {', '.join(METHODS)}, got {self.methods!r}")
+              f"--methods must be figure2, dpo-family, all or a comma-separated list of {', '.join(METHODS)}, got {self.methods!r}")
         for name in ("n_layer", "n_head", "n_embd", "block_size", "sft_steps", "sft_batch_size", "sft_grad_accum",
                      "reward_steps", "judge_steps", "judge_batch_size", "judge_max_len", "n_prefixes", "heldout_prefixes",
                      "max_new_tokens",
@@ -557,7 +580,9 @@ class TrainConfig:
         return self.number_list("betas")
 
     def method_list(self):
-        return list(METHODS) if self.methods == "all" else [m.strip() for m in self.methods.split(",") if m.strip()]
+        """The methods --methods names, a group (or all) expanded to its methods, each once."""
+        names = [m.strip() for m in self.methods.split(",") if m.strip()]
+        return list(dict.fromkeys(m for name in names for m in (METHODS if name == "all" else METHOD_GROUPS.get(name, [name]))))
 
 
 PRESETS = {
@@ -567,7 +592,7 @@ PRESETS = {
                   betas="0.1,1", dpo_steps=6, dpo_batch_size=8, dpo_micro_batch_size=4, dpo_lr=1e-4,
                   dpo_warmup_steps=2, pft_steps=4, eval_interval=3, eval_prefixes=8, rm_epochs=1, rm_batch_size=8,
                   ppo_steps=2, ppo_batch_size=8, ppo_minibatch_size=4, ppo_eval_interval=2, bon_ns="1,2"),
-    "cpu": dict(),  # the defaults above: 18.5 minutes on the 2-core box of the README's CPU results
+    "cpu": dict(),  # the defaults above: 20.2 minutes (figure2) on the 2-core box of the README's CPU results
     "gpu": dict(n_layer=12, n_head=12, n_embd=768, block_size=256, sft_steps=1500, sft_batch_size=64, sft_grad_accum=2,
                 sft_lr=6e-4, judge_steps=800, judge_batch_size=64, judge_lr=1e-4, judge_max_len=256,
                 judge_test_reviews=0, n_prefixes=25_000, heldout_prefixes=1000, max_new_tokens=48, sample_batch_size=1024,

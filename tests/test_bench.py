@@ -14,7 +14,8 @@ def test_bench_reports_every_benchmark_with_positive_throughput_and_flops(tmp_pa
                 "--out-json", str(out)])
     table = json.loads(out.read_text())
     rows = {row["benchmark"]: row for row in table["rows"]}
-    assert list(rows) == ["sft", "dpo, live reference", "dpo, precomputed reference", "sample, kv cache"]
+    assert list(rows) == ["sft", "dpo, live reference", "dpo, precomputed reference", "sample, kv cache",
+                          "ppo step (rollout + update)"]
     for row in rows.values():
         assert row["throughput"] > 0 and row["flops_per_unit"] > 0 and row["mfu"] is None  # no known peak on a CPU
     # 6N + 12LCT by hand: N = token embedding V*C + per block 12C^2 + 13C + final LayerNorm 2C
@@ -24,6 +25,10 @@ def test_bench_reports_every_benchmark_with_positive_throughput_and_flops(tmp_pa
     # a live reference adds a forward pass, a third of the policy's forward + backward
     live, precomputed = rows["dpo, live reference"], rows["dpo, precomputed reference"]
     assert live["flops_per_unit"] == pytest.approx(4 / 3 * precomputed["flops_per_unit"])
+    # a PPO sample: L sampled tokens (2N each), two forwards over T = prompt + L tokens (4N), 2 epochs of 6N per token
+    L_new = 4
+    assert any(rows["ppo step (rollout + update)"]["flops_per_unit"] == L_new * 2 * N + T * 4 * N + 2 * T * 6 * N
+               for T in range(2 + L_new, 8 + L_new + 1))
 
 
 @pytest.mark.parametrize("kind", ["folder", "parent_is_a_file"])

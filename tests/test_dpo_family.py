@@ -1,6 +1,6 @@
 """
 Tests of the DPO family in dpo.py: the length-averaged log-likelihood, SimPO (Meng et al. 2024),
-ORPO (Hong et al. 2024) and KTO (Ethayarajh et al. 2024).
+ORPO (Hong et al. 2024) and KTO (Ethayarajh et al. 2024), alone and inside a DPO step.
 
 Every expected value is computed independently of the code under test: brute-force Python loops over
 positions in float64, the papers' formulas written with math.log / math.exp, and gradients derived by hand.
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import dpo
+from conftest import tiny_gpt
 
 
 # ---------------------------------------------------------------------------- independent helpers
@@ -300,3 +301,64 @@ def test_kto_loss_is_half_the_weight_when_policy_equals_reference_and_kl_is_zero
     losses = dpo.kto_loss(logps, logps.clone(), torch.tensor(DESIRABLE), torch.tensor(0.0, dtype=torch.float64), 0.1, w_d, w_u)
     for loss, desirable in zip(losses.tolist(), DESIRABLE):
         assert loss == (w_d if desirable else w_u) * 0.5
+
+
+# ---------------------------------------------------------------------------- the losses inside a DPO step
+def one_step_loss(loss_type, policy, reference, pairs, **settings):
+    """The loss dpo.dpo_step reports for one micro-batch of these pairs (it also takes the step; the
+    loss is of the weights before it)."""
+    cfg = dpo.DPOConfig(loss_type=loss_type, micro_batch_size=len(pairs), batch_size=len(pairs), lr=1e-9, **settings)
+    optimizer = torch.optim.SGD(policy.parameters(), lr=1e-9)
+    return dpo.dpo_step(policy, optimizer, [(pairs, None)], reference, cfg, max_length=32, lr=1e-9, step=0)["loss"]
+
+
+def unpadded_logp(model, prompt, response):
+    """log pi(response + EOT | prompt) of one sequence run alone, float64, by a loop over its tokens."""
+    seq = prompt + response + [dpo.EOT]
+    with torch.no_grad():
+        logits = model(torch.tensor([seq]))[0].double().tolist()
+    return sum(log_softmax_at(logits[t - 1], seq[t]) for t in range(len(prompt), len(seq)))
+
+
+@pytest.mark.parametrize("loss_type", ["simpo", "orpo", "kto", "ipo"])
+def test_each_family_loss_in_a_dpo_step_equals_its_formula_on_sequences_run_alone(loss_type):
+    """dpo_step's one padded forward over [chosen; rejected] (KTO: and the mismatched rows of its KL
+    estimate) gives the loss the formula gives on each sequence's own float64 log-probs."""
+    reference = tiny_gpt(seed=1).eval().requires_grad_(False)
+    policy = tiny_gpt(seed=2)
+    g = torch.Generator().manual_seed(3)
+    pairs = [dpo.PreferencePair(torch.randint(0, 500, (int(n),), generator=g).tolist(),
+                                torch.randint(0, 500, (int(a),), generator=g).tolist(),
+                                torch.randint(0, 500, (int(b),), generator=g).tolist())
+             for n, a, b in torch.randint(1, 7, (3, 3), generator=g)]
+    settings = {"beta": 0.7, "gamma": 0.3, "lam": 0.4, "desirable_weight": 1.5, "undesirable_weight": 0.5}
+    got = one_step_loss(loss_type, policy, reference, pairs, **settings)
+    beta = settings["beta"]
+    losses = []
+    if loss_type == "kto":
+        # z: mean log-ratio of each prompt with the NEXT pair's chosen and rejected responses, floored at 0
+        nxt = pairs[1:] + pairs[:1]
+        mismatched = [unpadded_logp(policy, p.prompt, getattr(q, side)) - unpadded_logp(reference, p.prompt, getattr(q, side))
+                      for side in ("chosen", "rejected") for p, q in zip(pairs, nxt)]
+        z = max(sum(mismatched) / len(mismatched), 0.0)
+        for side, weight, sign in (("chosen", 1.5, 1), ("rejected", 0.5, -1)):
+            for p in pairs:
+                r = unpadded_logp(policy, p.prompt, getattr(p, side)) - unpadded_logp(reference, p.prompt, getattr(p, side))
+                losses.append(weight * (1 - sigmoid(sign * beta * (r - z))))
+    for p in pairs if loss_type != "kto" else []:
+        w, l = (unpadded_logp(policy, p.prompt, y) for y in (p.chosen, p.rejected))
+        avg_w, avg_l = w / (len(p.chosen) + 1), l / (len(p.rejected) + 1)  # + 1: the EOT each response ends with
+        if loss_type == "simpo":
+            losses.append(-log_sigmoid(beta * (avg_w - avg_l) - settings["gamma"]))
+        elif loss_type == "orpo":
+            losses.append(-avg_w - settings["lam"] * log_sigmoid(log_odds(avg_w) - log_odds(avg_l)))
+        else:  # ipo: (d - 1 / (2 beta))^2, d the difference of the log-ratios
+            d = (w - unpadded_logp(reference, p.prompt, p.chosen)) - (l - unpadded_logp(reference, p.prompt, p.rejected))
+            losses.append((d - 1 / (2 * beta)) ** 2)
+    assert got == pytest.approx(sum(losses) / len(losses), rel=1e-4)
+
+
+def test_kto_refuses_a_micro_batch_of_one_and_a_precomputed_reference():
+    for settings in ({"micro_batch_size": 1, "batch_size": 1}, {"precompute_ref": True}):
+        with pytest.raises(ValueError, match="kto needs"):
+            dpo.DPOConfig(loss_type="kto", **settings).validate()

@@ -280,6 +280,23 @@ def test_smoke_pipeline_writes_results_and_resumes_after_a_kill(tmp_path, tiny_i
     assert code == 0, log[-3000:]
     assert {row["method"] for row in read_jsonl(out / "results.jsonl")} == {"DPO"}
 
+    # the DPO family: every loss runs as a method on the same pairs, and the report shows the group
+    code, log = run_train(args + ["--methods", "dpo-family"], tmp_path)
+    assert code == 0, log[-3000:]
+    rows = read_jsonl(out / "results.jsonl")
+    assert {r["method"] for r in rows} == {"SFT", "DPO", "IPO", "KTO", "SimPO", "ORPO"}
+    assert {r["method"] for r in rows if "implicit_acc_heldout" in r} == {"DPO", "IPO", "KTO"}  # the losses with a reference
+    assert "=== dpo_beta0.1: done already" in log
+
+
+def test_methods_names_groups_expanded_each_method_once():
+    def methods(text):
+        return train.TrainConfig(methods=text).method_list()
+    assert methods("figure2") == ["sft_point", "preferred_ft", "dpo", "unlikelihood", "ppo", "ppo_gt", "best_of_n"]
+    assert methods("dpo-family,dpo,kto") == ["sft_point", "dpo", "ipo", "kto", "simpo", "orpo"]
+    assert methods("all") == list(train.METHODS) and methods(train.TrainConfig().methods) == methods("figure2")
+    assert methods("ppo, ppo_gt") == ["ppo", "ppo_gt"]
+
 
 def test_every_setting_is_recorded_by_the_stages_and_methods_it_affects_or_named_as_affecting_none():
     """A TrainConfig field missing from every stage's and method's `fields` would let a changed setting

@@ -186,7 +186,7 @@ def test_checkpoint_of_another_sft_run_in_out_is_refused_not_reused(tmp_path, ti
     (train.TrainConfig, train.PRESETS, ["--preset", "gpu", "--n-prefixes", "4"], "Preferred-FT trains on windows"),
     (dpo.DPOConfig, None, ["--beta", "-0.1"], "--beta must be > 0"),
     (dpo.DPOConfig, None, ["--batch-size", "64", "--micro-batch-size", "48"], "must be a multiple of"),
-    (dpo.DPOConfig, None, ["--loss-type", "kto"], "--loss-type must be sigmoid, ipo or hinge"),
+    (dpo.DPOConfig, None, ["--loss-type", "dop"], "--loss-type must be one of sigmoid, ipo, hinge, kto"),
     (sft.SFTConfig, sft.PRESETS, ["--batch-size", "0"], "--batch-size must be positive"),
     (reward.RewardConfig, None, ["--max-len", "4", "--min-len", "8"], "must not exceed"),
     (sample.SampleConfig, None, ["--top-p", "1.5"], "--top-p must be in"),

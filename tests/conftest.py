@@ -9,6 +9,7 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(_shared_cache):
 
 
 import io  # noqa: E402
+import math  # noqa: E402
 import tarfile  # noqa: E402
 
 import pytest  # noqa: E402
@@ -40,9 +41,14 @@ def tiny_imdb(tmp_path_factory):
     return write_tiny_imdb(tmp_path_factory.mktemp("imdb") / "aclImdb_v1.tar.gz")
 
 
+def log_softmax_at(row, index):
+    """log softmax(row)[index] in float64 with plain Python: row is a list of floats."""
+    m = max(row)
+    return row[index] - (m + math.log(sum(math.exp(z - m) for z in row)))
+
+
 # ---------------------------------------------------------------------------- tiny models and checkpoints
 import dataclasses  # noqa: E402
-import math  # noqa: E402
 
 import torch  # noqa: E402
 

@@ -18,7 +18,7 @@ import dpo
 import sample
 from checkpoint import load_checkpoint, load_model, read_jsonl
 from cli import UserError
-from conftest import NoTruthValue, save_tiny_checkpoint, tiny_gpt
+from conftest import NoTruthValue, log_softmax_at, save_tiny_checkpoint, tiny_gpt
 from data import get_encoding
 from dpo import EOT, DPOConfig, PreferencePair
 
@@ -26,12 +26,6 @@ LN2 = math.log(2.0)
 
 
 # ---------------------------------------------------------------------------- independent helpers
-def log_softmax_at(row, index):
-    """log softmax(row)[index] in float64 with plain Python: row is a list of floats."""
-    m = max(row)
-    return row[index] - (m + math.log(sum(math.exp(z - m) for z in row)))
-
-
 def brute_sequence_logps(logits, tokens, response_mask):
     """Per row: sum over t >= 1 with response_mask[t] of log_softmax(logits[t - 1])[tokens[t]], Python loops."""
     logits, tokens, response_mask = logits.double().tolist(), tokens.tolist(), response_mask.tolist()

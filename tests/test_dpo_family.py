@@ -11,16 +11,10 @@ import pytest
 import torch
 
 import dpo
-from conftest import tiny_gpt
+from conftest import log_softmax_at, tiny_gpt
 
 
 # ---------------------------------------------------------------------------- independent helpers
-def log_softmax_at(row, index):
-    """log softmax(row)[index] in float64 with plain Python: row is a list of floats."""
-    m = max(row)
-    return row[index] - (m + math.log(sum(math.exp(z - m) for z in row)))
-
-
 def brute_response_logps(logits, tokens, response_mask):
     """Per row: (sum, count) over t >= 1 with response_mask[t] of log_softmax(logits[t - 1])[tokens[t]], Python loops."""
     logits, tokens, response_mask = logits.double().tolist(), tokens.tolist(), response_mask.tolist()

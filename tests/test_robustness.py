@@ -39,19 +39,23 @@ def final_loss(out):
     return [r for r in rows if r["step"] == 12][-1]["loss"]
 
 
+def kill_when_written(argv, path, cwd, env):
+    """Run python argv and SIGKILL it as soon as `path` (its first checkpoint) exists; it must not finish first."""
+    proc = subprocess.Popen([sys.executable] + argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not path.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+
 def test_sigkill_mid_run_resumes_past_step_0_and_ends_on_the_same_loss(tmp_path, tiny_imdb):
     env = {**os.environ, "PYTHONPATH": ROOT}
     subprocess.run([sys.executable] + sft_args(tiny_imdb, tmp_path / "straight"), cwd=tmp_path, env=env, check=True,
                    capture_output=True)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable] + sft_args(tiny_imdb, killed), cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (killed / "sft.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_when_written(sft_args(tiny_imdb, killed), killed / "sft.pt", tmp_path, env)
     step_at_kill = torch.load(killed / "sft.pt", weights_only=True)["step"]
     assert 0 < step_at_kill < 12
     resumed = subprocess.run([sys.executable] + sft_args(tiny_imdb, killed), cwd=tmp_path, env=env,
@@ -79,14 +83,7 @@ def test_ppo_killed_mid_run_resumes_and_ends_on_the_same_weights(tmp_path, tiny_
     env = {**os.environ, "PYTHONPATH": ROOT}
     subprocess.run([sys.executable] + args(tmp_path / "straight"), cwd=tmp_path, env=env, check=True, capture_output=True)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable] + args(killed), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (killed / "ppo.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_when_written(args(killed), killed / "ppo.pt", tmp_path, env)
     step_at_kill = torch.load(killed / "ppo.pt", weights_only=True)["step"]
     assert 0 < step_at_kill < 6
     resumed = subprocess.run([sys.executable] + args(killed), cwd=tmp_path, env=env, capture_output=True, text=True, check=True)

@@ -56,6 +56,34 @@ from checkpoint import save_checkpoint  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 
+def brute_response_logps(logits, tokens, response_mask):
+    """Per row: (sum, count) over t >= 1 with response_mask[t] of log_softmax(logits[t - 1])[tokens[t]], Python loops."""
+    logits, tokens, response_mask = logits.double().tolist(), tokens.tolist(), response_mask.tolist()
+    out = []
+    for b in range(len(tokens)):
+        total, count = 0.0, 0
+        for t in range(1, len(tokens[b])):
+            if response_mask[b][t]:
+                total += log_softmax_at(logits[b][t - 1], tokens[b][t])
+                count += 1
+        out.append((total, count))
+    return out
+
+
+def gather_case(seed=0, B=4, T=12, V=23, dtype=torch.float32):
+    """Rows with prompts of 1..3 tokens, responses of different lengths and right padding of 0, 2, 4, ... positions."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(B, T, V, generator=g, dtype=torch.float64) * 3).to(dtype)
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    response_mask = torch.zeros(B, T, dtype=torch.bool)
+    spans = []
+    for b in range(B):
+        start, end = 1 + b % 3, T - 2 * b
+        response_mask[b, start:end] = True
+        spans.append((start, end))
+    return logits, tokens, response_mask, spans
+
+
 def tiny_gpt(seed=0, vocab_size=50257, block_size=32, n_layer=1, n_head=2, n_embd=16):
     """A small GPT with the model's own initialisation, the same weights for the same arguments."""
     torch.manual_seed(seed)

@@ -18,7 +18,7 @@ import dpo
 import sample
 from checkpoint import load_checkpoint, load_model, read_jsonl
 from cli import UserError
-from conftest import NoTruthValue, log_softmax_at, save_tiny_checkpoint, tiny_gpt
+from conftest import NoTruthValue, brute_response_logps, gather_case, save_tiny_checkpoint, tiny_gpt
 from data import get_encoding
 from dpo import EOT, DPOConfig, PreferencePair
 
@@ -28,15 +28,7 @@ LN2 = math.log(2.0)
 # ---------------------------------------------------------------------------- independent helpers
 def brute_sequence_logps(logits, tokens, response_mask):
     """Per row: sum over t >= 1 with response_mask[t] of log_softmax(logits[t - 1])[tokens[t]], Python loops."""
-    logits, tokens, response_mask = logits.double().tolist(), tokens.tolist(), response_mask.tolist()
-    out = []
-    for b in range(len(tokens)):
-        total = 0.0
-        for t in range(1, len(tokens[b])):
-            if response_mask[b][t]:
-                total += log_softmax_at(logits[b][t - 1], tokens[b][t])
-        out.append(total)
-    return out
+    return [total for total, _ in brute_response_logps(logits, tokens, response_mask)]
 
 
 def log_sigmoid(z):
@@ -73,22 +65,8 @@ def write_jsonl(path, records):
 
 
 # ---------------------------------------------------------------------------- 1. the per-token gather
-def _gather_case(seed=0, B=4, T=12, V=23, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(B, T, V, generator=g, dtype=torch.float64) * 3).to(dtype)
-    tokens = torch.randint(0, V, (B, T), generator=g)
-    response_mask = torch.zeros(B, T, dtype=torch.bool)
-    spans = []
-    for b in range(B):
-        start = 1 + b % 3  # prompt lengths 1..3
-        end = T - 2 * b  # right padding of 0, 2, 4, ... positions
-        response_mask[b, start:end] = True
-        spans.append((start, end))
-    return logits, tokens, response_mask, spans
-
-
 def test_sequence_logps_equals_brute_force_loop_in_float64():
-    logits, tokens, response_mask, _ = _gather_case()
+    logits, tokens, response_mask, _ = gather_case()
     got = dpo.sequence_logps(logits, tokens, response_mask)
     assert got.shape == (4,)
     assert got.dtype in (torch.float32, torch.float64)
@@ -97,7 +75,7 @@ def test_sequence_logps_equals_brute_force_loop_in_float64():
 
 
 def test_prompt_and_padding_never_count():
-    logits, tokens, response_mask, spans = _gather_case(seed=1)
+    logits, tokens, response_mask, spans = gather_case(seed=1)
     expected = brute_sequence_logps(logits, tokens, response_mask)
     g = torch.Generator().manual_seed(7)
     changed_logits, changed_tokens = logits.clone(), tokens.clone()
@@ -119,7 +97,7 @@ def test_prompt_and_padding_never_count():
 
 
 def test_appending_masked_padding_changes_nothing():
-    logits, tokens, response_mask, _ = _gather_case(seed=2)
+    logits, tokens, response_mask, _ = gather_case(seed=2)
     base = dpo.sequence_logps(logits, tokens, response_mask)
     g = torch.Generator().manual_seed(3)
     B, T, V = logits.shape
@@ -134,7 +112,7 @@ def test_appending_masked_padding_changes_nothing():
 
 def test_bf16_logits_give_float32_result_close_to_float64_loop():
     # long rows and a wide vocabulary, so a log-softmax computed in bf16 (error ~1e-2 per token) would show
-    logits, tokens, response_mask, _ = _gather_case(seed=4, B=3, T=40, V=2000, dtype=torch.bfloat16)
+    logits, tokens, response_mask, _ = gather_case(seed=4, B=3, T=40, V=2000, dtype=torch.bfloat16)
     got = dpo.sequence_logps(logits, tokens, response_mask)
     assert got.dtype in (torch.float32, torch.float64)
     expected = brute_sequence_logps(logits, tokens, response_mask)  # the bf16 values, exactly, in float64

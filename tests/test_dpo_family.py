@@ -11,24 +11,10 @@ import pytest
 import torch
 
 import dpo
-from conftest import log_softmax_at, tiny_gpt
+from conftest import brute_response_logps, gather_case, log_softmax_at, tiny_gpt
 
 
 # ---------------------------------------------------------------------------- independent helpers
-def brute_response_logps(logits, tokens, response_mask):
-    """Per row: (sum, count) over t >= 1 with response_mask[t] of log_softmax(logits[t - 1])[tokens[t]], Python loops."""
-    logits, tokens, response_mask = logits.double().tolist(), tokens.tolist(), response_mask.tolist()
-    out = []
-    for b in range(len(tokens)):
-        total, count = 0.0, 0
-        for t in range(1, len(tokens[b])):
-            if response_mask[b][t]:
-                total += log_softmax_at(logits[b][t - 1], tokens[b][t])
-                count += 1
-        out.append((total, count))
-    return out
-
-
 def log_sigmoid(z):
     """log(1 / (1 + exp(-z))), written so neither branch overflows."""
     return -math.log1p(math.exp(-z)) if z >= 0 else z - math.log1p(math.exp(z))
@@ -49,23 +35,9 @@ def random_doubles(seed, n, low, high):
 
 
 # ---------------------------------------------------------------------------- 1. the length-averaged log-likelihood
-def _gather_case(seed=0, B=4, T=12, V=23, dtype=torch.float32):
-    """Rows with prompts of 1..3 tokens, responses of different lengths and right padding of 0, 2, 4, ... positions."""
-    g = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(B, T, V, generator=g, dtype=torch.float64) * 3).to(dtype)
-    tokens = torch.randint(0, V, (B, T), generator=g)
-    response_mask = torch.zeros(B, T, dtype=torch.bool)
-    spans = []
-    for b in range(B):
-        start, end = 1 + b % 3, T - 2 * b
-        response_mask[b, start:end] = True
-        spans.append((start, end))
-    return logits, tokens, response_mask, spans
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_average_sequence_logps_is_the_mean_over_response_tokens_by_a_float64_loop(dtype):
-    logits, tokens, response_mask, _ = _gather_case(dtype=dtype)
+    logits, tokens, response_mask, _ = gather_case(dtype=dtype)
     got = dpo.sequence_logps(logits, tokens, response_mask, average=True)
     assert got.shape == (4,) and got.dtype == dtype
     brute = brute_response_logps(logits, tokens, response_mask)
@@ -75,7 +47,7 @@ def test_average_sequence_logps_is_the_mean_over_response_tokens_by_a_float64_lo
 
 
 def test_average_sequence_logps_ignores_prompt_and_padding():
-    logits, tokens, response_mask, spans = _gather_case(seed=1)
+    logits, tokens, response_mask, spans = gather_case(seed=1)
     expected = torch.tensor([total / count for total, count in brute_response_logps(logits, tokens, response_mask)],
                             dtype=torch.float64)
     g = torch.Generator().manual_seed(7)
@@ -97,7 +69,7 @@ def test_average_sequence_logps_ignores_prompt_and_padding():
 
 
 def test_average_times_response_length_is_the_sum():
-    logits, tokens, response_mask, spans = _gather_case(seed=2, dtype=torch.float64)
+    logits, tokens, response_mask, spans = gather_case(seed=2, dtype=torch.float64)
     average = dpo.sequence_logps(logits, tokens, response_mask, average=True)
     lengths = torch.tensor([end - start for start, end in spans], dtype=torch.float64)  # response tokens per row
     brute_sums = torch.tensor([total for total, _ in brute_response_logps(logits, tokens, response_mask)], dtype=torch.float64)
@@ -224,7 +196,7 @@ def test_orpo_at_an_average_of_exactly_zero_uses_the_smallest_normal_number(dtyp
 
 
 def test_orpo_with_lambda_zero_is_the_mean_nll_of_the_chosen_response():
-    logits, tokens, response_mask, _ = _gather_case(seed=3, dtype=torch.float64)
+    logits, tokens, response_mask, _ = gather_case(seed=3, dtype=torch.float64)
     chosen_avg = dpo.sequence_logps(logits[:2], tokens[:2], response_mask[:2], average=True)
     rejected_avg = dpo.sequence_logps(logits[2:], tokens[2:], response_mask[2:], average=True)
     losses = dpo.orpo_loss(chosen_avg, rejected_avg, lam=0.0)

@@ -17,10 +17,10 @@ import torch
 
 import evaluate
 import train
-from checkpoint import load_state, read_jsonl
-from conftest import save_tiny_checkpoint, tiny_gpt
-from data import EOT, load_imdb
-from evaluate import (Evaluator, PairScorer, evaluate_policy, implicit_reward_accuracy, sequence_kl, shown_kl,
+from checkpoint import read_jsonl
+from conftest import tiny_gpt
+from data import load_imdb
+from evaluate import (PairScorer, evaluate_policy, implicit_reward_accuracy, sequence_kl, shown_kl,
                       standard_error)
 from pairs import all_pairs
 

@@ -101,6 +101,11 @@ class Run:
                          self.eval_prompts, cfg.max_new_tokens, cfg.sample_batch_size, cfg.seed, preference_sets)
 
     @functools.cached_property
+    def learned_reward(self):
+        """RLHF's Bradley-Terry reward r(x, y) from rm.pt, loaded once for every Best-of-N run."""
+        return reward_function(self.path("rm.pt"), self.device)
+
+    @functools.cached_property
     def data_id(self):
         """The tokenized IMDb's contents, for the records: the same data under any path is the same run."""
         h = hashlib.sha256()
@@ -269,8 +274,7 @@ def run_best_of_n(run, folder, n):
     generator = torch.Generator(device=run.device).manual_seed(cfg.seed + 1000 * n + rank())
     candidates = generate(evaluator.reference, repeated, cfg.max_new_tokens, stop_at_eot=False, generator=generator,
                           batch_size=cfg.sample_batch_size)
-    learned_reward = reward_function(run.path("rm.pt"), run.device)
-    best = learned_reward([p + c for p, c in zip(repeated, candidates)]).reshape(len(prompts), n).argmax(1)
+    best = run.learned_reward([p + c for p, c in zip(repeated, candidates)]).reshape(len(prompts), n).argmax(1)
     point = score_completions(prompts, [candidates[i * n + j] for i, j in enumerate(best)], evaluator.reference,
                               evaluator.reward_model, evaluator.judge, kl=math.log(n) - (n - 1) / n)
     evaluator.record(point, "Best-of-N", f"N={n}", 0, os.path.join(folder, "eval.jsonl"))

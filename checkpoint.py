@@ -134,8 +134,8 @@ def load_checkpoint(path, kind=None):
     return ckpt
 
 
-def load_model(path, kinds=("sft", "dpo", "ppo"), dropout=0.0):
-    """A GPT from one of our checkpoints (sft, dpo or ppo by default), on the CPU, dropout off by default."""
+def load_model(path, kinds=("sft", "dpo", "ppo", "sppo"), dropout=0.0):
+    """A GPT from one of our checkpoints (sft, dpo, ppo or sppo by default), on the CPU, dropout off by default."""
     ckpt = load_checkpoint(path)
     if ckpt.get("kind") not in kinds:
         raise UserError(f"{path} holds a {ckpt.get('kind')!r} checkpoint; expected one of {', '.join(kinds)}")

@@ -140,6 +140,16 @@ def kto_loss(policy_logps, reference_logps, desirable, kl, beta, desirable_weigh
                        undesirable_weight * torch.sigmoid(beta * (rewards - z)))  # L_U = w_U * (1 - sigma(beta * (z - r)))
 
 
+def sppo_loss(policy_logps, reference_logps, win_rates, eta):
+    """SPPO (Wu et al. 2024), per completion (B,), in iteration t of self-play: the log-ratio to the
+    last iterate pi_t is regressed onto the centred win rate P(y > pi_t | x) of the completion,
+        L = (log(pi(y|x) / pi_t(y|x)) - eta * (P(y > pi_t | x) - 1/2))^2,
+    whose minimiser is the exponential-weights step pi_{t+1}(y|x) ~ pi_t(y|x) exp(eta P(y > pi_t | x)),
+    if the normaliser is taken as its estimate exp(eta / 2). policy_logps, reference_logps (B,) are
+    log pi(y|x) and log pi_t(y|x); win_rates (B,) in [0, 1]. Unpaired: each completion on its own."""
+    return (policy_logps - reference_logps - eta * (win_rates - 0.5)) ** 2
+
+
 def preference_losses(cfg, policy_token_logps, response_mask, reference_logps=None):
     """The loss of cfg.loss_type, per example, and the step's metrics. The rows are [chosen; rejected]
     (B each); for KTO they are [chosen; chosen after the next pair's prompt; rejected; rejected after
@@ -371,24 +381,33 @@ def dpo_step(policy, optimizer, micro_batches, reference, cfg, max_length, lr, s
     return apply_gradients(policy, optimizer, metrics, lr, cfg.grad_clip, step)
 
 
-def train_dpo(cfg, pairs=None, evaluate=None):
-    """DPO (or the Unlikelihood baseline) from the SFT checkpoint (policy init and frozen reference). evaluate(step, policy) -> dict
-    is called at step 0, every eval_interval steps and at the end. Resumes from OUT/NAME.pt."""
+def make_optimizer(policy, name, lr, weight_decay, device):
+    """RMSprop (the paper's) or AdamW, for a preference trainer."""
+    if name == "rmsprop":
+        return torch.optim.RMSprop(policy.parameters(), lr=lr)
+    return adamw(policy, lr, weight_decay, (0.9, 0.999), device)
+
+
+def train_dpo(cfg, pairs=None, evaluate=None, sample_pairs=None):
+    """DPO (or a loss of its family) from the SFT checkpoint (policy init and frozen reference). evaluate(step, policy) -> dict
+    is called at step 0, every eval_interval steps and at the end. Resumes from OUT/NAME.pt.
+    sample_pairs(step, policy) -> the step's batch_size pairs, drawn from the policy as it is now, takes
+    the place of the offline pairs (online DPO, online.py); cfg.max_steps is then the run's length."""
     device = setup_device(cfg.device)
     check_divisible(cfg.micro_batch_size, "--micro-batch-size")
     policy = load_model(cfg.sft).to(device)
     max_length = cfg.max_length or policy.config.block_size
     if max_length > policy.config.block_size:
         raise UserError(f"--max-length {max_length} exceeds the model's context of {policy.config.block_size}")
-    pairs = pairs if pairs is not None else read_pairs(cfg.pairs, max_length, cfg.skip_bad_lines)
+    if sample_pairs is not None and (cfg.max_steps == 0 or cfg.precompute_ref):
+        raise UserError("online DPO samples its pairs as it trains: it needs --max-steps > 0 and no --precompute-ref")
+    if pairs is None and sample_pairs is None:
+        pairs = read_pairs(cfg.pairs, max_length, cfg.skip_bad_lines)
     needs_reference = cfg.loss_type not in REFERENCE_FREE
     reference = load_model(cfg.sft).to(device).eval().requires_grad_(False) if needs_reference else None
     policy.train()  # dropout is 0 in both: the log-probs of the policy and the reference are deterministic
     total = cfg.max_steps or max(1, int(cfg.epochs * len(pairs) / cfg.batch_size))
-    if cfg.optimizer == "rmsprop":
-        optimizer = torch.optim.RMSprop(policy.parameters(), lr=cfg.lr)
-    else:
-        optimizer = adamw(policy, cfg.lr, cfg.weight_decay, (0.9, 0.999), device)
+    optimizer = make_optimizer(policy, cfg.optimizer, cfg.lr, cfg.weight_decay, device)
     ckpt_path = os.path.join(cfg.out, f"{cfg.name}.pt")
     step, _ = resume(ckpt_path, "dpo", cfg, RESUME_FIELDS, policy, optimizer)
 
@@ -406,7 +425,10 @@ def train_dpo(cfg, pairs=None, evaluate=None):
         progress.record({"step": 0, **evaluate(0, policy)})
     n_micro = cfg.batch_size // cfg.micro_batch_size
     while step < total:
-        indices = batch_indices(step, cfg.batch_size, len(pairs), cfg.seed)
+        if sample_pairs is None:
+            indices = batch_indices(step, cfg.batch_size, len(pairs), cfg.seed)
+        else:  # online: this step's pairs are sampled from the policy as it is now
+            pairs, indices = sample_pairs(step, policy), list(range(cfg.batch_size))
         micro_batches = []
         for m in range(n_micro):
             micro = local_slice(indices[m * cfg.micro_batch_size:(m + 1) * cfg.micro_batch_size])  # this rank's share

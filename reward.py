@@ -103,6 +103,12 @@ class NgramClassifier(nn.Module):
         out = [torch.sigmoid(self(sequences[i:i + batch_size])).cpu() for i in range(0, len(sequences), batch_size)]
         return torch.cat([torch.zeros(0)] + out).double().numpy()
 
+    @torch.no_grad()
+    def logits(self, sequences, batch_size=1024):
+        """The logit log(P / (1 - P)) of P(positive | tokens) for each token list, as a float64 numpy array."""
+        out = [self(sequences[i:i + batch_size]).cpu() for i in range(0, len(sequences), batch_size)]
+        return torch.cat([torch.zeros(0)] + out).double().numpy()
+
 
 def naive_bayes_ratios(model, split):
     """log P(g | positive) - log P(g | negative) per hashed n-gram, counting each n-gram once per
@@ -155,12 +161,14 @@ def load_classifier(path):
     return classifier_from(load_checkpoint(path, kind="reward"), path)
 
 
-def reward_function(path, device):
+def reward_function(path, device, logit=False):
     """r(x, y) of token lists, as float64 numpy, from a classifier checkpoint: P(positive) for a
-    sentiment classifier (the ground truth), the logit r itself for a Bradley-Terry reward model."""
+    sentiment classifier (the ground truth), the logit r itself for a Bradley-Terry reward model.
+    logit: the logit of either kind, the scale on which sigma(r(y) - r(y')) is a Bradley-Terry
+    preference (SPPO's win rates); for a sentiment classifier, log P(positive) / P(negative)."""
     ckpt = load_checkpoint(path, kind="reward")
     model = classifier_from(ckpt, path).to(device)
-    return model.logits if ckpt.get("classifier") == "bradley_terry" else model.score
+    return model.logits if logit or ckpt.get("classifier") == "bradley_terry" else model.score
 
 
 def classifier_from(ckpt, path):

@@ -11,7 +11,8 @@ The paper's controlled-sentiment experiment (IMDb, Figure 2 left), end to end. T
   report    results.jsonl, frontier.png, summary tables, samples before/after DPO
 
 The methods (each one entry of METHODS in train.py). --methods picks some, or a group: figure2 (the
-default: the paper's Figure 2), dpo-family (DPO beside IPO, KTO, SimPO and ORPO), or all:
+default: the paper's Figure 2), dpo-family (DPO beside IPO, KTO, SimPO, ORPO, online DPO, RSO and SPPO; its
+halves are dpo-offline and dpo-online), or all:
 
   sft_point     the SFT model itself, the KL = 0 point                  -> OUT/sft_point/
   preferred_ft  SFT continued on the best completion of each prefix      -> OUT/preferred_ft/
@@ -21,6 +22,9 @@ default: the paper's Figure 2), dpo-family (DPO beside IPO, KTO, SimPO and ORPO)
   ppo_gt        PPO on the ground-truth reward, for each target KL       -> OUT/ppo_gt_kl<target>/
   best_of_n     the best of N SFT samples under rm.pt, for each N         -> OUT/best_of_n<N>/
   ipo, kto, simpo, orpo   the DPO family's losses, with DPO's settings    -> OUT/<method>_<setting>/
+  online_dpo    DPO on pairs sampled from the policy as it trains        -> OUT/online_dpo_beta<beta>/
+  rso           DPO on pairs of samples of pi* (rejection sampling)      -> OUT/rso_beta<beta>/
+  sppo          self-play preference optimization                        -> OUT/sppo_eta<eta>/
 
 OUT/settings.json records, for each stage and each method run, the settings its artifacts were
 made with. A stage or run already done with the current settings is skipped (a killed run continues
@@ -52,7 +56,8 @@ from data import EOT, get_encoding, load_imdb, make_prefixes
 from device import barrier, hardware_name, is_main, local_slice, print0, rank, setup_device
 from dpo import REFERENCE_FREE, DPOConfig, train_dpo
 from evaluate import Evaluator, plot_frontier, score_completions, shown_kl
-from pairs import best_completions, sample_and_label
+from online import SPPOConfig, online_pairs, train_sppo
+from pairs import best_completions, rso_pairs, sample_and_label
 from ppo import PPOConfig, train_ppo
 from reward import RewardConfig, load_classifier, reward_function, train_reward
 from sample import generate
@@ -222,23 +227,86 @@ def pft_config(cfg, folder):
                      eval_batches=2, save_interval=cfg.pft_steps, seed=cfg.seed, device=cfg.device, compile=False)
 
 
-def run_preference_loss(run, folder, method, loss_type, name, **loss_settings):
+def run_preference_loss(run, folder, method, loss_type, name, pairs=None, sample_pairs=None, **loss_settings):
     """A loss of dpo.py on the offline pairs: DPO itself, its family (IPO, KTO, SimPO, ORPO) or the
     Unlikelihood baseline, each trained exactly as DPO is (dpo.py's trainer, DPO's steps, batch,
     optimizer and lr) and evaluated every eval_interval steps. The losses with a reference also
-    report the implicit reward's accuracy, beta log(pi / pi_ref) (Eq. 5)."""
+    report the implicit reward's accuracy, beta log(pi / pi_ref) (Eq. 5). pairs: another pair file
+    (RSO's); sample_pairs: pairs sampled as it trains instead (online DPO)."""
     log = os.path.join(folder, "eval.jsonl")
-    config = replace(dpo_config(run.cfg, folder, loss_settings.get("beta", 1.0)), name=name, loss_type=loss_type,
-                     precompute_ref=run.cfg.precompute_ref and loss_type != "kto",  # KTO's mismatched rows need pi_ref live
-                     **loss_settings)
+    config = replace(dpo_config(run.cfg, folder, loss_settings.get("beta", 1.0), pairs), name=name, loss_type=loss_type,
+                     precompute_ref=run.cfg.precompute_ref and loss_type != "kto" and sample_pairs is None,  # live pi_ref:
+                     **loss_settings)  # KTO's mismatched rows, online DPO's new samples
     setting = ", ".join(f"{k}={v:g}" for k, v in loss_settings.items())
     implicit_beta = None if loss_type in REFERENCE_FREE else config.beta
-    train_dpo(config, evaluate=lambda step, policy: run.evaluator(policy, method, setting, step, log, implicit_beta=implicit_beta))
+    train_dpo(config, sample_pairs=sample_pairs,
+              evaluate=lambda step, policy: run.evaluator(policy, method, setting, step, log, implicit_beta=implicit_beta))
     return throughput([os.path.join(folder, f"{name}_log.jsonl")], "pairs_per_s", f"{name}_")
 
 
-def dpo_config(cfg, folder, beta):
-    return DPOConfig(sft=os.path.join(cfg.out, "sft.pt"), pairs=os.path.join(cfg.out, "pairs.jsonl"), out=folder, beta=beta,
+ONLINE_REWARDS = {"ground_truth": "reward.pt", "learned": "rm.pt"}  # --online-reward: the labeller of new samples
+
+
+def online_method(cfg, name):
+    """Online DPO's and SPPO's label on the frontier: the labeller is named when it is the learned reward model."""
+    return name if cfg.online_reward == "ground_truth" else f"{name} (learned RM)"
+
+
+def run_online_dpo(run, folder, beta):
+    """Online DPO (online.py): DPO's trainer and settings, each step's pairs sampled from the policy
+    itself and labelled by --online-reward (the ground truth by default)."""
+    cfg = run.cfg
+    reward_fn = reward_function(run.path(ONLINE_REWARDS[cfg.online_reward]), run.device)
+    sampler = functools.partial(online_pairs, prompts=run.train_prompts, reward_fn=reward_fn, batch_size=cfg.dpo_batch_size,
+                                max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    return run_preference_loss(run, folder, online_method(cfg, "Online DPO"), "sigmoid", "online_dpo",
+                               sample_pairs=sampler, beta=beta)
+
+
+def run_rso(run, folder, beta):
+    """RSO: DPO at beta on pairs of samples of pi* = pi_ref exp(r / beta) / Z (Eq. 4) instead of the
+    SFT model's: rso_candidates SFT samples of each of rso_prefixes training prefixes, rso_accept of
+    them accepted by rejection sampling under the learned reward (rm.pt), and every pair of those,
+    labelled by the ground truth (pairs.rso_pairs)."""
+    cfg = run.cfg
+    sampling = os.path.join(folder, "rso_sampling.json")
+    if not os.path.exists(sampling):  # written after the pairs: a run killed while sampling samples again
+        policy = load_model(run.path("sft.pt")).to(run.device).eval()
+        pairs, rate = rso_pairs(policy, run.learned_reward, run.evaluator.reward_model, run.train_prompts[:cfg.rso_prefixes],
+                                cfg.rso_candidates, cfg.rso_accept, beta, cfg.max_new_tokens, cfg.sample_batch_size, cfg.seed)
+        write_jsonl(os.path.join(folder, "rso_pairs.jsonl"), pairs)
+        save_json(sampling, {"acceptance_rate": rate, "pairs": len(pairs)})
+    accepted = read_json(sampling)
+    print0(f"RSO beta={beta:g}: acceptance rate {accepted['acceptance_rate']:.3f} (one in {1 / accepted['acceptance_rate']:.1f} "
+           f"SFT samples is a sample of pi*), {accepted['pairs']} pairs")
+    result = run_preference_loss(run, folder, "RSO", "sigmoid", "rso", pairs=os.path.join(folder, "rso_pairs.jsonl"), beta=beta)
+    return {**result, "rso_acceptance_rate": accepted["acceptance_rate"], "rso_pairs": accepted["pairs"]}
+
+
+def run_sppo(run, folder, eta):
+    """SPPO (online.py): sppo_iterations of self-play from the SFT model, each on sppo_prompts training
+    prefixes with sppo_samples completions each, win rates from --online-reward's logit; DPO's
+    optimizer, lr and rows per step (2 x dpo_batch_size), evaluated every eval_interval steps."""
+    cfg = run.cfg
+    log = os.path.join(folder, "eval.jsonl")
+    train_sppo(sppo_config(cfg, folder, eta), run.train_prompts,
+               evaluate=lambda step, policy: run.evaluator(policy, online_method(cfg, "SPPO"), f"eta={eta:g}", step, log))
+    return throughput([os.path.join(folder, "sppo_log.jsonl")], "samples_per_s", "sppo_")
+
+
+def sppo_config(cfg, folder, eta):
+    batch_size = 2 * cfg.dpo_batch_size  # the rows of one DPO step
+    steps_per_iteration = max(1, cfg.sppo_prompts * cfg.sppo_samples // batch_size)
+    return SPPOConfig(sft=os.path.join(cfg.out, "sft.pt"), reward=os.path.join(cfg.out, ONLINE_REWARDS[cfg.online_reward]),
+                      out=folder, iterations=cfg.sppo_iterations, prompts_per_iteration=cfg.sppo_prompts,
+                      samples_per_prompt=cfg.sppo_samples, eta=eta, batch_size=batch_size, optimizer=cfg.dpo_optimizer,
+                      lr=cfg.dpo_lr, warmup_steps=cfg.dpo_warmup_steps, max_new_tokens=cfg.max_new_tokens,
+                      log_interval=max(1, cfg.eval_interval // 5),
+                      eval_interval=max(1, cfg.eval_interval // steps_per_iteration), seed=cfg.seed, device=cfg.device)
+
+
+def dpo_config(cfg, folder, beta, pairs=None):
+    return DPOConfig(sft=os.path.join(cfg.out, "sft.pt"), pairs=pairs or os.path.join(cfg.out, "pairs.jsonl"), out=folder, beta=beta,
                      batch_size=cfg.dpo_batch_size, micro_batch_size=cfg.dpo_micro_batch_size,
                      optimizer=cfg.dpo_optimizer, lr=cfg.dpo_lr, warmup_steps=cfg.dpo_warmup_steps,
                      max_steps=cfg.dpo_steps, append_eot=False, precompute_ref=cfg.precompute_ref,
@@ -290,9 +358,10 @@ def read_rows(jsonl):
 def run_report(run):
     cfg = run.cfg
     summary = json.dumps(read_stage_times(run), indent=1)
-    rows = []
+    rows, folders = [], []
     for name in cfg.method_list():
         for folder, params in METHODS[name].runs(cfg).items():
+            folders.append(folder)
             if not is_done(run, folder, method_settings(run, name, params)):
                 raise UserError(f"{run.path(folder)} is not done with these settings; run --stage methods first")
             rows += sorted(read_rows(os.path.join(run.path(folder), "eval.jsonl")), key=lambda r: r["step"])
@@ -303,10 +372,13 @@ def run_report(run):
         key = (row["method"], row["setting"])
         if key not in final or row["step"] >= final[key]["step"]:
             final[key] = row
-    rm = read_stage_times(run).get("rm")
-    rm_line = [] if rm is None else [f"RLHF's Bradley-Terry reward model (rm.pt): pair accuracy {rm['rm_heldout_acc']:.3f} "
-                                     f"held out, {rm['rm_train_acc']:.3f} on training pairs"]
-    table_text = "\n".join(frontier_table(final.values()) + [""] + kl_budget_table(rows) + [""] + implicit_table(rows) + rm_line)
+    times = read_stage_times(run)
+    rm = times.get("rm")
+    lines = [] if rm is None else [f"RLHF's Bradley-Terry reward model (rm.pt): pair accuracy {rm['rm_heldout_acc']:.3f} "
+                                   f"held out, {rm['rm_train_acc']:.3f} on training pairs"]
+    lines += [f"RSO ({folder}): acceptance rate {times[folder]['rso_acceptance_rate']:.3f}, {times[folder]['rso_pairs']} pairs"
+              for folder in folders if "rso_acceptance_rate" in times.get(folder, {})]
+    table_text = "\n".join(frontier_table(final.values()) + [""] + kl_budget_table(rows) + [""] + implicit_table(rows) + lines)
     print(table_text)
     # a handful of completions of the same test prefixes before (SFT) and after DPO (the first beta)
     enc = get_encoding()
@@ -449,14 +521,23 @@ METHODS = {
                                  {"beta": cfg.simpo_beta, "gamma": cfg.simpo_gamma}}, DPO_FIELDS),
     "orpo": Method(functools.partial(run_preference_loss, method="ORPO", loss_type="orpo", name="orpo"),
                    lambda cfg: {f"orpo_lambda{cfg.orpo_lambda:g}": {"lam": cfg.orpo_lambda}}, DPO_FIELDS),
+    # the family's methods that make their own samples: online DPO, RSO, SPPO
+    "online_dpo": Method(run_online_dpo, lambda cfg: {f"online_dpo_beta{beta:g}": {"beta": beta} for beta in cfg.beta_list()},
+                         DPO_FIELDS + ("online_reward",)),
+    "rso": Method(run_rso, lambda cfg: {f"rso_beta{beta:g}": {"beta": beta} for beta in cfg.beta_list()},
+                  DPO_FIELDS + ("rso_prefixes", "rso_candidates", "rso_accept")),
+    "sppo": Method(run_sppo, lambda cfg: {f"sppo_eta{cfg.sppo_eta:g}": {"eta": cfg.sppo_eta}},
+                   DPO_FIELDS + ("online_reward", "sppo_iterations", "sppo_prompts", "sppo_samples")),
 }
 # --methods may name a group: the paper's Figure 2 (the default), or the DPO family
 METHOD_GROUPS = {"figure2": ("sft_point", "preferred_ft", "dpo", "unlikelihood", "ppo", "ppo_gt", "best_of_n"),
-                 "dpo-family": ("sft_point", "dpo", "ipo", "kto", "simpo", "orpo")}
+                 "dpo-offline": ("sft_point", "dpo", "ipo", "kto", "simpo", "orpo"),
+                 "dpo-online": ("sft_point", "dpo", "online_dpo", "rso", "sppo"),
+                 "dpo-family": ("sft_point", "dpo", "ipo", "kto", "simpo", "orpo", "online_dpo", "rso", "sppo")}
 # TrainConfig fields no artifact depends on: where and how the run goes, not what it computes
 # (the sweeps, too: each of their values is a run of its own, recorded with its value)
 NOT_RECORDED = ("out", "stage", "methods", "force", "data", "data_verify", "device", "compile", "betas", "ul_alphas",
-                "ppo_target_kls", "bon_ns", "ipo_beta", "kto_beta", "simpo_beta", "simpo_gamma", "orpo_lambda")
+                "ppo_target_kls", "bon_ns", "ipo_beta", "kto_beta", "simpo_beta", "simpo_gamma", "orpo_lambda", "sppo_eta")
 
 
 # ---------------------------------------------------------------------------- the experiment's settings
@@ -464,7 +545,7 @@ NOT_RECORDED = ("out", "stage", "methods", "force", "data", "data_verify", "devi
 class TrainConfig:
     out: str = field(default="out", metadata={"help": "run folder for every artifact"})
     stage: str = field(default="all", metadata={"help": "all | " + " | ".join(STAGES)})
-    methods: str = field(default="figure2", metadata={"help": "figure2 (the paper's Figure 2), dpo-family, all, or a comma-separated list of "
+    methods: str = field(default="figure2", metadata={"help": "figure2 (the paper's Figure 2), dpo-family (or its halves dpo-offline, dpo-online), all, or a comma-separated list of "
                                                                 + ", ".join(METHODS)})
     force: bool = field(default=False, metadata={"help": "redo the stages that run, even if their artifacts exist"})
     data: str = field(default=None, metadata={"help": "IMDb archive or aclImdb/ folder (else $IMDB_ARCHIVE, data/, download)"})
@@ -531,6 +612,14 @@ class TrainConfig:
     simpo_beta: float = field(default=2.0, metadata={"help": "SimPO: beta (SimPO's default 2.0)"})
     simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO: target reward margin gamma (SimPO's default 0.5)"})
     orpo_lambda: float = field(default=0.1, metadata={"help": "ORPO: weight of the odds-ratio term (ORPO's default 0.1)"})
+    online_reward: str = field(default="ground_truth", metadata={"help": "online DPO, SPPO: the labeller of their samples, ground_truth (reward.pt) | learned (rm.pt)"})
+    rso_prefixes: int = field(default=240, metadata={"help": "RSO: training prefixes it samples (the first ones)"})
+    rso_candidates: int = field(default=8, metadata={"help": "RSO: SFT samples per prefix to accept from (RSO: 64)"})
+    rso_accept: int = field(default=4, metadata={"help": "RSO: samples of pi* accepted per prefix, all their pairs kept (RSO: 8)"})
+    sppo_eta: float = field(default=10.0, metadata={"help": "SPPO: step size eta of the exponential-weights update"})
+    sppo_iterations: int = field(default=4, metadata={"help": "SPPO: self-play iterations (SPPO: 3)"})
+    sppo_prompts: int = field(default=160, metadata={"help": "SPPO: training prefixes sampled in each iteration"})
+    sppo_samples: int = field(default=4, metadata={"help": "SPPO: completions K of each prefix from pi_t"})
     # 8. evaluation
     eval_interval: int = field(default=40, metadata={"help": "DPO steps between evaluations (paper: 100)"})
     eval_prefixes: int = field(default=96, metadata={"help": "held-out test prefixes per evaluation"})
@@ -539,7 +628,7 @@ class TrainConfig:
         check(self.stage == "all" or self.stage in STAGES, f"--stage must be all or one of {', '.join(STAGES)}, got {self.stage!r}")
         unknown = [m for m in self.method_list() if m not in METHODS]
         check(self.method_list() and not unknown,
-              f"--methods must be figure2, dpo-family, all or a comma-separated list of {', '.join(METHODS)}, got {self.methods!r}")
+              f"--methods must be figure2, dpo-family, dpo-offline, dpo-online, all or a comma-separated list of {', '.join(METHODS)}, got {self.methods!r}")
         for name in ("n_layer", "n_head", "n_embd", "block_size", "sft_steps", "sft_batch_size", "sft_grad_accum",
                      "reward_steps", "judge_steps", "judge_batch_size", "judge_max_len", "n_prefixes", "heldout_prefixes",
                      "max_new_tokens",
@@ -569,10 +658,21 @@ class TrainConfig:
             check(values and all(math.isfinite(v) and v > 0 for v in values), f"every value of {flag} must be finite and > 0, got {getattr(self, name)!r}")
             check(len({f"{v:g}" for v in values}) == len(values), f"{flag} names the same value twice: {getattr(self, name)!r}")
         check(all(n == int(n) for n in self.number_list("bon_ns")), f"--bon-ns must be whole numbers, got {self.bon_ns!r}")
+        check(self.online_reward in ONLINE_REWARDS, f"--online-reward must be ground_truth or learned, got {self.online_reward!r}")
+        check(0 < self.rso_prefixes <= self.n_prefixes and 2 <= self.rso_accept <= self.rso_candidates,
+              f"RSO needs 0 < --rso-prefixes <= --n-prefixes and 2 <= --rso-accept <= --rso-candidates, got "
+              f"{self.rso_prefixes}, {self.rso_accept}, {self.rso_candidates}")
+        check(self.sppo_eta > 0 and self.sppo_iterations > 0 and self.sppo_prompts > 0 and self.sppo_samples >= 2,
+              f"SPPO needs --sppo-eta, --sppo-iterations and --sppo-prompts > 0 and --sppo-samples >= 2, got {self.sppo_eta}, "
+              f"{self.sppo_iterations}, {self.sppo_prompts}, {self.sppo_samples}")
+        check(self.sppo_prompts * self.sppo_samples % (2 * self.dpo_batch_size) == 0,
+              f"SPPO trains on 2 x --dpo-batch-size = {2 * self.dpo_batch_size} completions a step, which must divide an "
+              f"iteration's --sppo-prompts x --sppo-samples = {self.sppo_prompts * self.sppo_samples}")
         # each stage's own checks, now: a bad setting stops the run before anything is written or removed
         for stage_cfg in [sft_config(self), reward_config(self), rm_config(self), judge_config(self),
                           *(dpo_config(self, "", b) for b in self.beta_list()),
                           *(ppo_config(self, "", t, "rm.pt") for t in self.number_list("ppo_target_kls")),
+                          sppo_config(self, "", self.sppo_eta),
                           *([pft_config(self, "")] if self.pft_steps else [])]:
             stage_cfg.validate()
 
@@ -595,7 +695,8 @@ PRESETS = {
                   judge_test_reviews=32, n_prefixes=16, heldout_prefixes=8, max_new_tokens=12,
                   betas="0.1,1", dpo_steps=6, dpo_batch_size=8, dpo_micro_batch_size=4, dpo_lr=1e-4,
                   dpo_warmup_steps=2, pft_steps=4, eval_interval=3, eval_prefixes=8, rm_epochs=1, rm_batch_size=8,
-                  ppo_steps=2, ppo_batch_size=8, ppo_minibatch_size=4, ppo_eval_interval=2, bon_ns="1,2"),
+                  ppo_steps=2, ppo_batch_size=8, ppo_minibatch_size=4, ppo_eval_interval=2, bon_ns="1,2",
+                  rso_prefixes=8, rso_candidates=4, rso_accept=2, sppo_iterations=2, sppo_prompts=8, sppo_samples=2),
     "cpu": dict(),  # the defaults above: 20.0 minutes (figure2) on the 2-core box of the README's CPU results
     "gpu": dict(n_layer=12, n_head=12, n_embd=768, block_size=256, sft_steps=1500, sft_batch_size=64, sft_grad_accum=2,
                 sft_lr=6e-4, judge_steps=800, judge_batch_size=64, judge_lr=1e-4, judge_max_len=256,
@@ -604,7 +705,7 @@ PRESETS = {
                 dpo_warmup_steps=150, pft_steps=300, pft_lr=1e-5, eval_interval=100, eval_prefixes=512,
                 ul_alphas="0.05,0.1,0.5,1", bon_ns="1,4,16,64", rm_epochs=1, rm_batch_size=64, rm_lr=1e-5,
                 ppo_target_kls="3,6,9,12", ppo_steps=100, ppo_batch_size=512, ppo_minibatch_size=64, ppo_lr=1e-5,
-                ppo_eval_interval=20),
+                ppo_eval_interval=20, rso_prefixes=8000, rso_candidates=16, sppo_iterations=3, sppo_prompts=6400),
 }
 
 

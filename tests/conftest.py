@@ -125,3 +125,20 @@ class NoTruthValue(torch.nn.Module):
 
     def __len__(self):
         raise TypeError("this wrapper does not support len()")
+
+
+# ---------------------------------------------------------------------------- crash tests
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
+
+def kill_when_written(argv, path, cwd, env):
+    """Run python argv and SIGKILL it as soon as `path` (its first checkpoint) exists; it must not finish first."""
+    proc = subprocess.Popen([sys.executable] + argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not path.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"

@@ -281,19 +281,41 @@ def test_smoke_pipeline_writes_results_and_resumes_after_a_kill(tmp_path, tiny_i
     assert {row["method"] for row in read_jsonl(out / "results.jsonl")} == {"DPO"}
 
     # the DPO family: every loss runs as a method on the same pairs, and the report shows the group
-    code, log = run_train(args + ["--methods", "dpo-family"], tmp_path)
+    code, log = run_train(args + ["--methods", "dpo-offline"], tmp_path)
     assert code == 0, log[-3000:]
     rows = read_jsonl(out / "results.jsonl")
     assert {r["method"] for r in rows} == {"SFT", "DPO", "IPO", "KTO", "SimPO", "ORPO"}
     assert {r["method"] for r in rows if "implicit_acc_heldout" in r} == {"DPO", "IPO", "KTO"}  # the losses with a reference
     assert "=== dpo_beta0.1: done already" in log
 
+    # the family's methods that sample: online DPO and RSO at DPO's betas, SPPO; RSO reports its acceptance rate
+    code, log = run_train(args + ["--methods", "dpo-online"], tmp_path)
+    assert code == 0, log[-3000:]
+    rows = read_jsonl(out / "results.jsonl")
+    assert {r["method"] for r in rows} == {"SFT", "DPO", "Online DPO", "RSO", "SPPO"}
+    assert {r["setting"] for r in rows if r["method"] in ("Online DPO", "RSO")} == {"beta=0.1", "beta=1"}
+    assert {r["method"] for r in rows if "implicit_acc_heldout" in r} == {"DPO", "Online DPO", "RSO"}
+    assert sorted(r["step"] for r in rows if r["method"] == "SPPO") == [0, 2]  # 2 iterations of 1 step
+    times = json.load(open(out / "stage_times.json"))
+    assert 0 < times["rso_beta1"]["rso_acceptance_rate"] <= 1 and times["rso_beta1"]["rso_pairs"] > 0
+    assert f"RSO (rso_beta1): acceptance rate {times['rso_beta1']['rso_acceptance_rate']:.3f}" in log
+    rso = read_jsonl(out / "rso_beta1" / "rso_pairs.jsonl")
+    assert {tuple(p["prompt_ids"]) for p in rso} <= {tuple(p["prompt_ids"]) for p in pairs}  # training prefixes; 2 accepted -> 1 pair
+    assert len(rso) <= 8 and all(p["chosen_reward"] >= p["rejected_reward"] for p in rso)
+    # on request, online DPO and SPPO label their samples with RLHF's learned reward model instead: redone, and named so
+    code, log = run_train(args + ["--methods", "online_dpo,sppo", "--online-reward", "learned"], tmp_path)
+    assert code == 0, log[-3000:]
+    assert "online_dpo_beta0.1 was made with other settings (online_reward ground_truth -> learned)" in log
+    assert {r["method"] for r in read_jsonl(out / "results.jsonl")} == {"Online DPO (learned RM)", "SPPO (learned RM)"}
+
 
 def test_methods_names_groups_expanded_each_method_once():
     def methods(text):
         return train.TrainConfig(methods=text).method_list()
     assert methods("figure2") == ["sft_point", "preferred_ft", "dpo", "unlikelihood", "ppo", "ppo_gt", "best_of_n"]
-    assert methods("dpo-family,dpo,kto") == ["sft_point", "dpo", "ipo", "kto", "simpo", "orpo"]
+    assert methods("dpo-offline,dpo,kto") == ["sft_point", "dpo", "ipo", "kto", "simpo", "orpo"]
+    assert methods("dpo-online") == ["sft_point", "dpo", "online_dpo", "rso", "sppo"]
+    assert methods("dpo-family") == methods("dpo-offline,dpo-online")
     assert methods("all") == list(train.METHODS) and methods(train.TrainConfig().methods) == methods("figure2")
     assert methods("ppo, ppo_gt") == ["ppo", "ppo_gt"]
 

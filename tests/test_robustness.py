@@ -22,7 +22,7 @@ import sft
 import train
 from checkpoint import append_jsonl, atomic_write, load_checkpoint, load_model, read_jsonl, run_identity, save_checkpoint
 from cli import UserError, parse_config, run_main
-from conftest import save_tiny_checkpoint, tiny_gpt
+from conftest import kill_when_written, save_tiny_checkpoint, tiny_gpt
 from optim import apply_gradients
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,17 +37,6 @@ def sft_args(archive, out, extra=()):
 def final_loss(out):
     rows = read_jsonl(os.path.join(out, "sft_log.jsonl"))
     return [r for r in rows if r["step"] == 12][-1]["loss"]
-
-
-def kill_when_written(argv, path, cwd, env):
-    """Run python argv and SIGKILL it as soon as `path` (its first checkpoint) exists; it must not finish first."""
-    proc = subprocess.Popen([sys.executable] + argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not path.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
 
 
 def test_sigkill_mid_run_resumes_past_step_0_and_ends_on_the_same_loss(tmp_path, tiny_imdb):
@@ -177,10 +166,15 @@ def test_checkpoint_of_another_sft_run_in_out_is_refused_not_reused(tmp_path, ti
     (train.TrainConfig, train.PRESETS, ["--dpo-batch-size", "0"], "--dpo-batch-size must be positive"),
     (train.TrainConfig, train.PRESETS, ["--max-new-tokens", "-4"], "--max-new-tokens must be positive"),
     (train.TrainConfig, train.PRESETS, ["--stage", "ppo"], "--stage must be all or one of"),
-    (train.TrainConfig, train.PRESETS, ["--methods", "dpo,ppx"], "--methods must be figure2, dpo-family, all or a comma-separated list of"),
-    (train.TrainConfig, train.PRESETS, ["--methods", ","], "--methods must be figure2, dpo-family, all or a comma-separated list of"),
+    (train.TrainConfig, train.PRESETS, ["--methods", "dpo,ppx"], "--methods must be figure2, dpo-family, dpo-offline, dpo-online, all or a comma-separated list of"),
+    (train.TrainConfig, train.PRESETS, ["--methods", ","], "--methods must be figure2, dpo-family, dpo-offline, dpo-online, all or a comma-separated list of"),
     (train.TrainConfig, train.PRESETS, ["--preset", "tpu"], "invalid choice: 'tpu'"),
     (train.TrainConfig, train.PRESETS, ["--preset", "gpu", "--n-prefixes", "4"], "Preferred-FT trains on windows"),
+    (train.TrainConfig, train.PRESETS, ["--online-reward", "rm"], "--online-reward must be ground_truth or learned, got 'rm'"),
+    (train.TrainConfig, train.PRESETS, ["--rso-accept", "9"], "2 <= --rso-accept <= --rso-candidates"),
+    (train.TrainConfig, train.PRESETS, ["--rso-prefixes", "5000"], "0 < --rso-prefixes <= --n-prefixes"),
+    (train.TrainConfig, train.PRESETS, ["--sppo-prompts", "7"], "SPPO trains on 2 x --dpo-batch-size = 32 completions a step"),
+    (train.TrainConfig, train.PRESETS, ["--sppo-eta", "0"], "SPPO needs --sppo-eta, --sppo-iterations and --sppo-prompts > 0"),
     (dpo.DPOConfig, None, ["--beta", "-0.1"], "--beta must be > 0"),
     (dpo.DPOConfig, None, ["--batch-size", "64", "--micro-batch-size", "48"], "must be a multiple of"),
     (dpo.DPOConfig, None, ["--loss-type", "dop"], "--loss-type must be one of sigmoid, ipo, hinge, kto"),

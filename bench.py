@@ -147,10 +147,12 @@ def bench_dpo(cfg, device, live_reference):
 
     seconds = median_seconds(step, cfg, device)
     T = dpo.collate(pairs, cfg.block_size)[0].size(1)  # the padded length of both rows of a pair
-    # per pair: policy forward + backward over 2 rows of T tokens, 2T (6N + 12LCT); a live reference
-    # adds their forward, a third of that: 2T (2N + 4LCT)
-    flops = 2 * T * policy.flops_per_token(T) * (4 / 3 if live_reference else 1)
-    formula = f"2T(6N + 12LCT){' + 2T(2N + 4LCT)' if live_reference else ''}, T={T}"
+    R, head = cfg.response_len + 1, policy.config.vocab_size * policy.config.n_embd  # response + EOT; the LM head's weights
+    # per pair: policy forward + backward over 2 rows of T tokens, 2T (6N + 12LCT), less the LM head at
+    # the T - R positions that predict no response token (dpo.response_token_logps skips them), 6VC each;
+    # a live reference adds their forward, a third of that
+    flops = 2 * (T * policy.flops_per_token(T) - (T - R) * 6 * head) * (4 / 3 if live_reference else 1)
+    formula = f"2[T(6N + 12LCT) - (T - R)6VC]{' x 4/3' if live_reference else ''}, T={T}, R={R}"
     return f"{cfg.dpo_batch_size} x {T}", cfg.dpo_batch_size / seconds, "pairs/s", flops, formula
 
 

@@ -36,15 +36,28 @@ REFERENCE_FREE = ("simpo", "orpo", "unlikelihood")  # the losses that need no pi
 
 
 # ---------------------------------------------------------------------------- the math
+def target_logps(logits, targets):
+    """log softmax(logits)[target] along the last axis: logits (..., V), targets (...) -> (...), in
+    float32 or better (bf16 -> float32; float64 stays float64)."""
+    # log_softmax(z)[y] = z[y] - logsumexp(z): one float32 (..., V) temporary, not two
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).to(dtype) - torch.logsumexp(logits.to(dtype), dim=-1)
+
+
 def token_logps(logits, tokens):
-    """log pi(tokens[t] | tokens[<t]) for t = 1..T-1: (B, T-1), in float32 or better (float64 logits
-    stay float64). logits (B, T, V) with logits[:, t] predicting tokens[:, t + 1]."""
-    logits = logits[:, :-1]  # (B, T-1, V): position t-1 predicts token t
-    targets = tokens[:, 1:]  # (B, T-1)
-    # log_softmax(z)[y] = z[y] - logsumexp(z): one float32 (B, T-1, V) temporary, not two
-    dtype = torch.promote_types(logits.dtype, torch.float32)  # bf16 -> float32; float64 stays
-    target_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).to(dtype)
-    return target_logits - torch.logsumexp(logits.to(dtype), dim=-1)
+    """log pi(tokens[t] | tokens[<t]) for t = 1..T-1: (B, T-1). logits (B, T, V) with logits[:, t]
+    predicting tokens[:, t + 1]."""
+    return target_logps(logits[:, :-1], tokens[:, 1:])  # position t-1 predicts token t
+
+
+def response_token_logps(model, tokens, response_mask):
+    """log pi(y_t | x, y_<t) at each response token, 0 elsewhere: (B, T-1), the values of
+    torch.where(response_mask[:, 1:], token_logps(model(tokens), tokens), 0.0), with the LM head run
+    only at the positions that predict a response token (a quarter of a DPO row's are prompt or padding)."""
+    mask = response_mask[:, 1:].bool()  # token 0 has no prediction; it is always prompt
+    predicting = F.pad(mask, (0, 1))  # position t predicts token t + 1
+    logps = target_logps(model(tokens, positions=predicting), tokens[:, 1:][mask])  # (N,), row-major
+    return torch.zeros(mask.shape, dtype=logps.dtype, device=logps.device).masked_scatter(mask, logps)
 
 
 def sequence_logps(logits, tokens, response_mask, average=False):
@@ -282,8 +295,7 @@ def collate(pairs, max_length, device="cpu", append_eot=True):
 def concatenated_logps(model, tokens, response_mask):
     """One forward pass over [chosen; rejected] (2B rows) -> (chosen_logps, rejected_logps), each (B,).
     Right padding needs no attention mask: causal attention never lets a real token see the padding after it."""
-    logps = sequence_logps(model(tokens), tokens, response_mask)
-    return logps.chunk(2)
+    return response_token_logps(model, tokens, response_mask).sum(-1).chunk(2)
 
 
 @torch.no_grad()
@@ -366,14 +378,14 @@ def dpo_step(policy, optimizer, micro_batches, reference, cfg, max_length, lr, s
         mask = response_mask[:, 1:]  # (2B, T-1): token 0 has no prediction; it is always prompt
         with autocast(device.type):
             # one forward over [chosen; rejected]: log pi(y_t | x, y_<t) of every response token
-            policy_token_logps = torch.where(mask, token_logps(forward(tokens), tokens), 0.0)  # (2B, T-1)
+            policy_token_logps = response_token_logps(forward, tokens, response_mask)  # (2B, T-1)
             reference_logps = None
             if cfg.loss_type not in REFERENCE_FREE:
                 if precomputed is not None:
                     reference_logps = torch.cat(precomputed.to(device).unbind(1))  # (B, 2) -> [chosen; rejected]
                 else:
                     with torch.no_grad():
-                        reference_logps = sequence_logps(reference(tokens), tokens, response_mask)  # log pi_ref(y|x)
+                        reference_logps = response_token_logps(reference, tokens, response_mask).sum(-1)  # log pi_ref(y|x)
             losses, step_metrics = preference_losses(cfg, policy_token_logps, mask, reference_logps)
         loss = losses.mean()
         (loss / len(micro_batches)).backward()  # the step's gradient is the mean over its micro-batches

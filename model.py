@@ -191,9 +191,13 @@ class GPT(nn.Module):
             cache.length += T
         return self.transformer.ln_f(x)
 
-    def forward(self, idx, attention_mask=None, cache=None):
-        """Logits for every position: logits[:, t] predicts idx[:, t + 1]. (B, T, vocab)"""
-        return self.lm_head(self.hidden_states(idx, attention_mask, cache))
+    def forward(self, idx, attention_mask=None, cache=None, positions=None):
+        """Logits for every position: logits[:, t] predicts idx[:, t + 1]. (B, T, vocab)
+        positions, a bool mask (B, T): the logits of those positions only, (N, vocab) in row-major
+        order. The LM head is most of a small model's compute, and a loss needs it only where it
+        predicts a token it scores."""
+        features = self.hidden_states(idx, attention_mask, cache)
+        return self.lm_head(features if positions is None else features[positions])
 
     # ------------------------------------------------------------------ GPT-2 weights
     @classmethod

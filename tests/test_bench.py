@@ -25,6 +25,10 @@ def test_bench_reports_every_benchmark_with_positive_throughput_and_flops(tmp_pa
     # a live reference adds a forward pass, a third of the policy's forward + backward
     live, precomputed = rows["dpo, live reference"], rows["dpo, precomputed reference"]
     assert live["flops_per_unit"] == pytest.approx(4 / 3 * precomputed["flops_per_unit"])
+    # per pair, two rows of T tokens, the LM head (V*C weights, 6VC a position) only at the R = 8 + EOT positions
+    # that predict a response token
+    T_pair, R = int(precomputed["config"].split(" x ")[1]), 9
+    assert precomputed["flops_per_unit"] == 2 * (T_pair * (6 * N + 12 * L * C * T_pair) - (T_pair - R) * 6 * V * C)
     # a PPO sample: L sampled tokens (2N each), two forwards over T = prompt + L tokens (4N), 2 epochs of 6N per token
     L_new = 4
     assert any(rows["ppo step (rollout + update)"]["flops_per_unit"] == L_new * 2 * N + T * 4 * N + 2 * T * 6 * N

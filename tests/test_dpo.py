@@ -65,6 +65,27 @@ def write_jsonl(path, records):
 
 
 # ---------------------------------------------------------------------------- 1. the per-token gather
+def test_response_token_logps_run_the_head_only_where_a_response_token_is_predicted():
+    """The LM head at the predicting positions only gives each response token's log-prob as a float64
+    loop over the full logits does, 0 elsewhere, and the same gradient as the full head."""
+    model = tiny_gpt(vocab_size=97)
+    _, tokens, response_mask, spans = gather_case(V=97)
+    got = dpo.response_token_logps(model, tokens, response_mask)  # (B, T-1)
+    logits = model(tokens)
+    for (total, count), row, (start, end) in zip(brute_response_logps(logits, tokens, response_mask), got, spans):
+        assert row.sum().item() == pytest.approx(total, abs=1e-4) and count == end - start
+        assert (row[:start - 1] == 0).all() and (row[end - 1:] == 0).all() and (row[start - 1:end - 1] != 0).all()
+    got.sum().backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    torch.where(response_mask[:, 1:], dpo.token_logps(model(tokens), tokens), 0.0).sum().backward()
+    for k, p in model.named_parameters():
+        assert torch.allclose(grads[k], p.grad, atol=1e-6), k
+    only = torch.zeros_like(response_mask)
+    only[1, 3] = only[2, 0] = True  # the positions' logits, in row-major order
+    torch.testing.assert_close(model(tokens, positions=only), torch.stack([logits[1, 3], logits[2, 0]]))
+
+
 def test_sequence_logps_equals_brute_force_loop_in_float64():
     logits, tokens, response_mask, _ = gather_case()
     got = dpo.sequence_logps(logits, tokens, response_mask)

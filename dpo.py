@@ -50,10 +50,18 @@ def token_logps(logits, tokens):
     return target_logps(logits[:, :-1], tokens[:, 1:])  # position t-1 predicts token t
 
 
-def response_token_logps(model, tokens, response_mask):
+def response_token_logps(model, tokens, response_mask, no_grad_rows=None):
     """log pi(y_t | x, y_<t) at each response token, 0 elsewhere: (B, T-1), the values of
     torch.where(response_mask[:, 1:], token_logps(model(tokens), tokens), 0.0), with the LM head run
-    only at the positions that predict a response token (a quarter of a DPO row's are prompt or padding)."""
+    only at the positions that predict a response token (a quarter of a DPO row's are prompt or padding).
+    no_grad_rows, a bool (B,): rows computed without a graph, in a second forward pass."""
+    if no_grad_rows is not None:  # two passes: the rows with a graph, then the others without one
+        with_graph = response_token_logps(model, tokens[~no_grad_rows], response_mask[~no_grad_rows])
+        out = with_graph.new_zeros(len(tokens), with_graph.shape[1])
+        out[~no_grad_rows] = with_graph
+        with torch.no_grad():
+            out[no_grad_rows] = response_token_logps(model, tokens[no_grad_rows], response_mask[no_grad_rows])
+        return out
     mask = response_mask[:, 1:].bool()  # token 0 has no prediction; it is always prompt
     predicting = F.pad(mask, (0, 1))  # position t predicts token t + 1
     logps = target_logps(model(tokens, positions=predicting), tokens[:, 1:][mask])  # (N,), row-major
@@ -378,7 +386,12 @@ def dpo_step(policy, optimizer, micro_batches, reference, cfg, max_length, lr, s
         mask = response_mask[:, 1:]  # (2B, T-1): token 0 has no prediction; it is always prompt
         with autocast(device.type):
             # one forward over [chosen; rejected]: log pi(y_t | x, y_<t) of every response token
-            policy_token_logps = response_token_logps(forward, tokens, response_mask)  # (2B, T-1)
+            if cfg.loss_type == "kto":  # rows [chosen; mismatched; rejected; mismatched]: the mismatched ones only
+                # estimate the KL, which kto_loss detaches, so they go through the policy without a graph
+                estimate = torch.arange(len(tokens), device=device) // (len(tokens) // 4) % 2 == 1
+                policy_token_logps = response_token_logps(forward, tokens, response_mask, no_grad_rows=estimate)
+            else:
+                policy_token_logps = response_token_logps(forward, tokens, response_mask)  # (2B, T-1)
             reference_logps = None
             if cfg.loss_type not in REFERENCE_FREE:
                 if precomputed is not None:

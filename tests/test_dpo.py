@@ -86,6 +86,22 @@ def test_response_token_logps_run_the_head_only_where_a_response_token_is_predic
     torch.testing.assert_close(model(tokens, positions=only), torch.stack([logits[1, 3], logits[2, 0]]))
 
 
+def test_response_token_logps_rows_without_a_graph_keep_their_values_and_pass_no_gradient():
+    """KTO's mismatched rows: the same log-probs, and the gradient of the rows with a graph alone."""
+    model = tiny_gpt(vocab_size=97)
+    _, tokens, response_mask, _ = gather_case(V=97)
+    rows = torch.tensor([False, True, False, True])
+    got = dpo.response_token_logps(model, tokens, response_mask, no_grad_rows=rows)
+    full = dpo.response_token_logps(model, tokens, response_mask)
+    torch.testing.assert_close(got, full.detach())
+    got.sum().backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    full[~rows].sum().backward()
+    for k, p in model.named_parameters():
+        assert torch.allclose(grads[k], p.grad, atol=1e-6), k
+
+
 def test_sequence_logps_equals_brute_force_loop_in_float64():
     logits, tokens, response_mask, _ = gather_case()
     got = dpo.sequence_logps(logits, tokens, response_mask)

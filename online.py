@@ -19,7 +19,6 @@ Both continue after a kill: each step's samples are a pure function of (seed, st
 import os
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from checkpoint import load_model, resume, save_checkpoint, training_checkpoint
@@ -28,7 +27,7 @@ from device import autocast, setup_device
 from dpo import PreferencePair, make_optimizer, sppo_loss
 from evaluate import prompt_completion_rows
 from optim import apply_gradients
-from ppo import response_logps, step_seed
+from ppo import response_logps, step_prompts, step_seed
 from progress import Progress
 from reward import reward_function
 from sample import generate
@@ -38,23 +37,30 @@ RESUME_FIELDS = ("sft", "reward", "iterations", "prompts_per_iteration", "sample
                  "optimizer", "lr", "warmup_steps", "max_new_tokens", "seed")
 
 
+# ---------------------------------------------------------------------------- the policy's own samples
+@torch.no_grad()
+def own_samples(policy, prompts, n, k, reward_fn, max_new_tokens, seed, step, batch_size=None):
+    """k completions, from the policy as it is now, of each of n prompts drawn by (seed, step), and
+    their rewards. Returns (the drawn prompts each repeated k times, the completions, the rewards as
+    float64 numpy), all n * k long: a pure function of (seed, step) and the weights."""
+    device = next(policy.parameters()).device
+    repeated = [p for p in step_prompts(prompts, n, seed, step) for _ in range(k)]
+    generator = torch.Generator(device=device).manual_seed(step_seed(seed, step, 0))
+    completions = generate(policy, repeated, max_new_tokens, stop_at_eot=False, generator=generator, batch_size=batch_size)
+    return repeated, completions, reward_fn([p + c for p, c in zip(repeated, completions)])
+
+
 # ---------------------------------------------------------------------------- online DPO
 def online_pairs(step, policy, prompts, reward_fn, batch_size, max_new_tokens, seed):
-    """Online DPO's batch for one step: batch_size prompts (drawn by (seed, step)), two completions of
-    each from the policy as it is now, the one of higher reward r chosen. Two identical completions
-    make a pair with no gradient (log pi(y_w|x) - log pi(y_l|x) is 0 whatever the weights)."""
-    device = next(policy.parameters()).device
-    rng = np.random.default_rng([seed, step])
-    batch = [prompts[i] for i in rng.choice(len(prompts), batch_size, replace=len(prompts) < batch_size)]
-    twice = [p for p in batch for _ in range(2)]
-    generator = torch.Generator(device=device).manual_seed(step_seed(seed, step, 0))
-    completions = generate(policy, twice, max_new_tokens, stop_at_eot=False, generator=generator)
-    rewards = reward_fn([p + c for p, c in zip(twice, completions)]).reshape(batch_size, 2)
+    """Online DPO's batch for one step: batch_size prompts, two completions of each from the policy as
+    it is now, the one of higher reward r chosen. Two identical completions make a pair with no
+    gradient (log pi(y_w|x) - log pi(y_l|x) is 0 whatever the weights)."""
+    twice, completions, rewards = own_samples(policy, prompts, batch_size, 2, reward_fn, max_new_tokens, seed, step)
     pairs = []
-    for i, prompt in enumerate(batch):
-        first, second = completions[2 * i], completions[2 * i + 1]
-        chosen, rejected = (first, second) if rewards[i, 0] >= rewards[i, 1] else (second, first)
-        pairs.append(PreferencePair(prompt, chosen, rejected))
+    for i in range(0, len(twice), 2):
+        first, second = completions[i], completions[i + 1]
+        chosen, rejected = (first, second) if rewards[i] >= rewards[i + 1] else (second, first)
+        pairs.append(PreferencePair(twice[i], chosen, rejected))
     return pairs
 
 
@@ -107,18 +113,14 @@ def self_play_samples(policy, prompts, reward_fn, cfg, iteration):
     """Iteration t's data: K completions of each of its prompts from pi_t (the policy now), as left-padded
     rows, with log pi_t(y|x) and the win rates P(y > pi_t | x), one per row."""
     device = next(policy.parameters()).device
-    rng = np.random.default_rng([cfg.seed, iteration])
     n, k, length = cfg.prompts_per_iteration, cfg.samples_per_prompt, cfg.max_new_tokens
-    chosen = [prompts[i] for i in rng.choice(len(prompts), n, replace=len(prompts) < n)]
-    repeated = [p for p in chosen for _ in range(k)]
-    generator = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, iteration, 0))
-    completions = generate(policy, repeated, length, stop_at_eot=False, generator=generator, batch_size=256)
+    repeated, completions, rewards = own_samples(policy, prompts, n, k, reward_fn, length, cfg.seed, iteration, batch_size=256)
     ids, mask, _ = prompt_completion_rows(repeated, completions, device)  # every completion is the last `length` tokens
     logps = []
     for rows in torch.arange(len(ids), device=device).split(cfg.batch_size):  # bounded (rows, T, V) logits
         with autocast(device.type):
             logps.append(response_logps(policy, ids[rows], mask[rows], length).sum(-1))
-    rewards = torch.as_tensor(reward_fn([p + c for p, c in zip(repeated, completions)]), dtype=torch.float32)
+    rewards = torch.as_tensor(rewards, dtype=torch.float32)
     return {"ids": ids, "mask": mask, "reference_logps": torch.cat(logps),
             "win_rates": win_rates(rewards.reshape(n, k)).flatten().to(device), "r": rewards.mean().item()}
 

@@ -181,6 +181,12 @@ def step_seed(seed, step, stream):
     return int(np.random.SeedSequence([seed, step, stream]).generate_state(1)[0])
 
 
+def step_prompts(prompts, n, seed, step):
+    """The n prompts of one step, drawn by (seed, step): with replacement only when there are fewer than n."""
+    rng = np.random.default_rng([seed, step])
+    return [prompts[i] for i in rng.choice(len(prompts), n, replace=len(prompts) < n)]
+
+
 @torch.no_grad()
 def rollout(policy, reference, critic, prompts, reward_fn, normalise, kl_coef, cfg, step):
     """Steps 1-4 on one batch of prompts: the samples and what the update needs, all (B, L) but ids and mask."""
@@ -263,8 +269,7 @@ def train_ppo(cfg, prompts, evaluate=None):
     if evaluate and step == 0:
         progress.record({"step": 0, **evaluate(0, policy)})
     while step < cfg.steps:
-        rng = np.random.default_rng([cfg.seed, step])
-        batch_prompts = [prompts[i] for i in rng.choice(len(prompts), cfg.batch_size, replace=len(prompts) < cfg.batch_size)]
+        batch_prompts = step_prompts(prompts, cfg.batch_size, cfg.seed, step)
         policy.eval()
         batch, rollout_metrics = rollout(policy, reference, critic, batch_prompts, reward_fn, normalise, kl_coef, cfg, step)
         policy.train()

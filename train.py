@@ -442,6 +442,13 @@ def read_stage_times(run):
     return read_json(path) if os.path.exists(path) else {}
 
 
+def forget_times(run, names):
+    """Drop these stages' or runs' entries from OUT/stage_times.json: their artifacts are being redone or removed."""
+    times = read_stage_times(run)
+    if any(name in times for name in names):
+        save_json(run.path("stage_times.json"), {k: v for k, v in times.items() if k not in names})
+
+
 def record_time(run, name, seconds, result):
     """A stage's or method's wall time and throughput, with the hardware, into OUT/stage_times.json."""
     times = read_stage_times(run)
@@ -750,6 +757,7 @@ def bring_up_to_date(run, name, stage, settings, artifacts, work):
         print0(f"removing {', '.join(made_from_old)}: made from the {name} being redone, they are redone after it")
     for other in made_from_old:
         remove(cfg, run.records.pop(other)["artifacts"])
+    forget_times(run, [name, *made_from_old])
     run.records[name] = {"stage": stage, "settings": settings, "artifacts": artifacts, "done": False}
     save_json(run.path("settings.json"), run.records)
     result = work()

@@ -349,13 +349,18 @@ def test_a_changed_setting_redoes_exactly_what_depends_on_it(finished_run, tmp_p
         assert f"=== {name}: done already with these settings" in result.stdout
     assert "judge was made with other settings (judge_steps 4 -> 5)" in result.stdout
     assert "done already" not in result.stdout.split("=== judge")[1]
-    # an upstream change (the pairs) redoes the pairs and every method after them
-    result = train_py(args + ["--dpo-lr", "0.01", "--judge-steps", "5", "--n-prefixes", "12"], tmp_path)
+    # an upstream change (the pairs) redoes the pairs and removes every method made from the old ones:
+    # the methods chosen run again, and the others leave no result and no time behind
+    result = train_py(args + ["--dpo-lr", "0.01", "--judge-steps", "5", "--n-prefixes", "12", "--methods", "sft_point"],
+                      tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "=== sft: done already" in result.stdout and "=== reward: done already" in result.stdout
     assert "pairs was made with other settings (n_prefixes 16 -> 12)" in result.stdout
     assert "done already" not in result.stdout.split("=== pairs")[1]
     assert len(read_jsonl(run / "pairs.jsonl")) == 6 * 12
+    assert {r["method"] for r in read_jsonl(run / "results.jsonl")} == {"SFT"}
+    times = json.loads((run / "stage_times.json").read_text())
+    assert "sft_point" in times and "pairs" in times and "dpo_beta0.1" not in times and "preferred_ft" not in times
 
 
 def test_ctrl_c_stops_with_one_line_saying_how_to_continue(tmp_path, tiny_imdb):

@@ -50,21 +50,25 @@ def token_logps(logits, tokens):
     return target_logps(logits[:, :-1], tokens[:, 1:])  # position t-1 predicts token t
 
 
-def response_token_logps(model, tokens, response_mask, no_grad_rows=None):
+def response_token_logps(model, tokens, response_mask, no_grad_rows=None, attention_mask=None):
     """log pi(y_t | x, y_<t) at each response token, 0 elsewhere: (B, T-1), the values of
-    torch.where(response_mask[:, 1:], token_logps(model(tokens), tokens), 0.0), with the LM head run
-    only at the positions that predict a response token (a quarter of a DPO row's are prompt or padding).
-    no_grad_rows, a bool (B,): rows computed without a graph, in a second forward pass."""
+    torch.where(response_mask[:, 1:], token_logps(model(tokens, attention_mask), tokens), 0.0), with
+    the LM head run only at the positions that predict a response token (a quarter of a DPO row's are
+    prompt or padding). no_grad_rows, a bool (B,): rows computed without a graph, in a second forward
+    pass. attention_mask (B, T): for left-padded rows (the evaluator's); DPO's rows are right-padded."""
     if no_grad_rows is not None:  # two passes: the rows with a graph, then the others without one
-        with_graph = response_token_logps(model, tokens[~no_grad_rows], response_mask[~no_grad_rows])
+        def part(rows):
+            return response_token_logps(model, tokens[rows], response_mask[rows],
+                                        attention_mask=None if attention_mask is None else attention_mask[rows])
+        with_graph = part(~no_grad_rows)
         out = with_graph.new_zeros(len(tokens), with_graph.shape[1])
         out[~no_grad_rows] = with_graph
         with torch.no_grad():
-            out[no_grad_rows] = response_token_logps(model, tokens[no_grad_rows], response_mask[no_grad_rows])
+            out[no_grad_rows] = part(no_grad_rows)
         return out
     mask = response_mask[:, 1:].bool()  # token 0 has no prediction; it is always prompt
     predicting = F.pad(mask, (0, 1))  # position t predicts token t + 1
-    logps = target_logps(model(tokens, positions=predicting), tokens[:, 1:][mask])  # (N,), row-major
+    logps = target_logps(model(tokens, attention_mask, positions=predicting), tokens[:, 1:][mask])  # (N,), row-major
     return torch.zeros(mask.shape, dtype=logps.dtype, device=logps.device).masked_scatter(mask, logps)
 
 

@@ -704,7 +704,7 @@ PRESETS = {
                   dpo_warmup_steps=2, pft_steps=4, eval_interval=3, eval_prefixes=8, rm_epochs=1, rm_batch_size=8,
                   ppo_steps=2, ppo_batch_size=8, ppo_minibatch_size=4, ppo_eval_interval=2, bon_ns="1,2",
                   rso_prefixes=8, rso_candidates=4, rso_accept=2, sppo_iterations=2, sppo_prompts=8, sppo_samples=2),
-    "cpu": dict(),  # the defaults above: 19.0 minutes (figure2) on the 2-core box of the README's CPU results
+    "cpu": dict(),  # the defaults above: 18.1 minutes (figure2) on the 2-core box of the README's CPU results
     "gpu": dict(n_layer=12, n_head=12, n_embd=768, block_size=256, sft_steps=1500, sft_batch_size=64, sft_grad_accum=2,
                 sft_lr=6e-4, judge_steps=800, judge_batch_size=64, judge_lr=1e-4, judge_max_len=256,
                 judge_test_reviews=0, n_prefixes=25_000, heldout_prefixes=1000, max_new_tokens=48, sample_batch_size=1024,

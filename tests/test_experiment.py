@@ -18,7 +18,7 @@ import torch
 import evaluate
 import train
 from checkpoint import read_jsonl
-from conftest import tiny_gpt
+from conftest import sharp_gpt, tiny_gpt
 from data import load_imdb
 from evaluate import (PairScorer, evaluate_policy, implicit_reward_accuracy, sequence_kl, shown_kl,
                       standard_error)
@@ -149,13 +149,32 @@ def test_implicit_reward_accuracy_equals_brute_force_count_on_toy_policy():
     assert implicit_reward_accuracy(scorer.logps(reference), scorer.logps(reference), beta) == 0.5  # pi = pi_ref: all ties
 
 
+def test_completion_logps_of_left_padded_rows_equal_each_sequence_alone_in_float64(monkeypatch):
+    """The evaluator's log pi(y|x) (implicit rewards): prompts of different lengths left-padded into
+    passes of KL_ROWS rows, the LM head only where a completion token is predicted, equal a float64
+    sum over each prompt + completion run alone, unpadded, through the full head."""
+    model = sharp_gpt(vocab_size=101).eval()
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 101, (n,), generator=g).tolist() for n in (1, 6, 2, 4, 3)]
+    completions = [torch.randint(0, 101, (n,), generator=g).tolist() for n in (5, 5, 3, 7, 5)]
+    monkeypatch.setattr(evaluate, "KL_ROWS", {"cpu": 2})  # passes of 2, 2 and 1 rows
+    got = evaluate.completion_logps(model, prompts, completions)
+    assert got.dtype == np.float64 and got.shape == (5,)
+    with torch.no_grad():
+        for prompt, completion, value in zip(prompts, completions, got):
+            logp = model(torch.tensor([prompt + completion]))[0].double().log_softmax(-1)  # row t predicts token t + 1
+            expected = sum(logp[len(prompt) - 1 + t, token].item() for t, token in enumerate(completion))
+            assert value == pytest.approx(expected, abs=1e-4)
+
+
 def test_kl_in_chunks_of_rows_equals_kl_in_one_pass(monkeypatch):
-    """The KL is computed KL_ROWS sequences at a time to bound memory; the chunking changes no number
-    beyond float32 rounding."""
+    """The KL is computed KL_ROWS sequences at a time, to bound memory (and on a CPU, for speed); the
+    chunking changes no number beyond float32 rounding."""
     policy, reference = tiny_gpt(seed=0).eval(), tiny_gpt(seed=1).eval()
     prompts = [[10 + i] * (1 + i % 3) for i in range(7)]
+    monkeypatch.setattr(evaluate, "KL_ROWS", {"cpu": 64})
     whole, _ = evaluate_policy(policy, reference, FakeClassifier(), FakeClassifier(0), prompts, 5, 8, seed=0)
-    monkeypatch.setattr(evaluate, "KL_ROWS", 2)
+    monkeypatch.setattr(evaluate, "KL_ROWS", {"cpu": 2})
     chunked, _ = evaluate_policy(policy, reference, FakeClassifier(), FakeClassifier(0), prompts, 5, 8, seed=0)
     assert whole["kl"] > 0.01
     # the same numbers up to float32 rounding: each chunk left-pads to its own longest prompt

@@ -56,13 +56,19 @@ def prompt_completion_rows(prompts, completions, device):
     return ids, mask, response_mask
 
 
+def row_passes(prompts, completions, device):
+    """prompt_completion_rows of KL_ROWS[device type] sequences at a time, in order."""
+    rows = KL_ROWS[device.type]
+    for i in range(0, len(prompts), rows):
+        yield prompt_completion_rows(prompts[i:i + rows], completions[i:i + rows], device)
+
+
 @torch.no_grad()
 def completion_logps(model, prompts, completions):
     """log pi(y | x) of each completion after its prompt, summed over the completion's tokens: (N,) float64 numpy."""
     device = next(model.parameters()).device
-    out, rows = [torch.zeros(0, dtype=torch.float64)], KL_ROWS[device.type]
-    for i in range(0, len(prompts), rows):
-        ids, mask, response_mask = prompt_completion_rows(prompts[i:i + rows], completions[i:i + rows], device)
+    out = [torch.zeros(0, dtype=torch.float64)]
+    for ids, mask, response_mask in row_passes(prompts, completions, device):
         with autocast(device.type):  # the LM head only where a completion token is predicted
             out.append(response_token_logps(model, ids, response_mask, attention_mask=mask).sum(-1).double().cpu())
     return torch.cat(out).numpy()
@@ -93,9 +99,8 @@ def score_completions(prompts, completions, reference, reward_model, judge, poli
     (Best-of-N), the given value for every sample."""
     device = next(reference.parameters()).device
     length = len(completions[0]) if completions else 1
-    kls, reference_logps, rows = [], [], KL_ROWS[device.type]
-    for i in range(0, len(prompts), rows):
-        ids, mask, response_mask = prompt_completion_rows(prompts[i:i + rows], completions[i:i + rows], device)
+    kls, reference_logps = [], []
+    for ids, mask, response_mask in row_passes(prompts, completions, device):
         with autocast(device.type):
             reference_logits = reference(ids, mask)
             if policy is not None:

@@ -38,10 +38,11 @@ def check_model_fits(n_layer, n_embd, block_size, vocab_size=50257):
                                f"{have / 2**30:.0f} GiB; choose a smaller --n-layer or --n-embd")
 
 
-def autocast(device):
-    """bf16 autocast on CUDA (matmuls in bf16, reductions in float32); plain float32 on CPU."""
+def autocast(device, cache=True):
+    """bf16 autocast on CUDA (matmuls in bf16, reductions in float32); plain float32 on CPU. cache=False
+    casts the weights at every use instead of once per context: what a CUDA graph replays must do so."""
     if device.startswith("cuda"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
 
 

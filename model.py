@@ -7,7 +7,7 @@ saved by Hugging Face's `save_pretrained`, without any other library.
 
 `forward(idx)` returns logits for every position, (B, T, vocab): DPO needs all of them.
 Left-padded batches are supported through `attention_mask` (1 = real token, 0 = padding), and a
-`KVCache` makes generation cost one position per step.
+static `KVCache` makes generation cost one position per step, with the same shapes at every step.
 """
 import json
 import math
@@ -45,21 +45,25 @@ class GPTConfig:
 
 
 class KVCache:
-    """Keys and values of every layer for positions [0, length), preallocated to max_len."""
+    """Keys and values of every layer, preallocated for max_len slots: (layers, B, heads, max_len, head_dim).
+    A forward writes its T tokens at the slots `cache_at` (a device tensor, not a Python int) and attends
+    over all max_len slots, the ones not written yet hidden by the attention mask. So every decode step
+    has the same shapes and reads the same buffers, and one CUDA graph can replay them all."""
 
     def __init__(self, config, batch_size, max_len, device, dtype):
+        if max_len > config.block_size:
+            raise ValueError(f"a cache of {max_len} positions exceeds the model's context of {config.block_size}")
         head_dim = config.n_embd // config.n_head
         shape = (config.n_layer, batch_size, config.n_head, max_len, head_dim)
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
-        self.length = 0  # positions filled so far
+        # zeros, not empty: a masked slot gets attention weight 0, and 0 * NaN (garbage memory) would be NaN
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
 
-    def update(self, layer, k, v):
-        """Store this step's k, v (B, H, T, D) for `layer`; return all keys and values so far."""
-        start, end = self.length, self.length + k.size(2)
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+    def update(self, layer, k, v, cache_at):
+        """Store this forward's k, v (B, H, T, D) of `layer` at slots cache_at (T,); return every slot's (B, H, max_len, D)."""
+        self.k[layer].index_copy_(2, cache_at, k)
+        self.v[layer].index_copy_(2, cache_at, v)
+        return self.k[layer], self.v[layer]
 
 
 class CausalSelfAttention(nn.Module):
@@ -71,11 +75,11 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, layer, visible=None, cache=None):
+    def forward(self, x, layer, visible=None, cache=None, cache_at=None):
         q, k, v = self.c_attn(x).split(x.size(-1), dim=2)
         q, k, v = (rearrange(t, "b t (h d) -> b h t d", h=self.n_head) for t in (q, k, v))
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, H, S, D) with S = positions so far
+            k, v = cache.update(layer, k, v, cache_at)  # (B, H, S, D): every slot of the cache
         dropout = self.dropout if self.training else 0.0
         if visible is None:  # plain causal attention over a full, unpadded sequence (flash path)
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
@@ -104,16 +108,17 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, layer, visible=None, cache=None):
-        x = x + self.attn(self.ln_1(x), layer, visible, cache)
+    def forward(self, x, layer, visible=None, cache=None, cache_at=None):
+        x = x + self.attn(self.ln_1(x), layer, visible, cache, cache_at)
         return x + self.mlp(self.ln_2(x))
 
 
-def visibility_mask(attention_mask, start, T, device):
-    """(B, 1, T, start+T) bool: query i may attend key j iff j <= i and key j is a real token.
-    A query always sees itself, so a padding query has a defined (unused) output instead of NaN."""
-    query = torch.arange(start, start + T, device=device)[:, None]
-    key = torch.arange(start + T, device=device)[None, :]
+def visibility_mask(attention_mask, query_at):
+    """(B, 1, T, S) bool: the query at position query_at[i] may attend key j iff j <= query_at[i] and key j
+    is a real token (attention_mask (B, S), 1 = real). A query always sees itself, so a padding query
+    has a defined (unused) output instead of NaN."""
+    query = query_at[:, None]  # (T, 1)
+    key = torch.arange(attention_mask.shape[1], device=attention_mask.device)[None, :]  # (1, S)
     visible = (key <= query) & attention_mask[:, None, None, :].bool()
     return visible | (key == query)
 
@@ -123,9 +128,9 @@ def position_ids_from_mask(attention_mask):
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def left_pad(sequences, pad=0, device="cpu"):
-    """Token lists -> (ids, attention_mask), both (B, T_max), real tokens flush right."""
-    width = max(len(s) for s in sequences)
+def left_pad(sequences, pad=0, device="cpu", width=None):
+    """Token lists -> (ids, attention_mask), both (B, width), real tokens flush right; width: the longest by default."""
+    width = width or max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for i, s in enumerate(sequences):
@@ -171,32 +176,33 @@ class GPT(nn.Module):
         c = self.config
         return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * seq_len
 
-    def hidden_states(self, idx, attention_mask=None, cache=None):
-        """Final-LayerNorm features (B, T, C). attention_mask (B, S) covers every position so far:
-        S = cache.length + T with a cache, else T."""
+    def hidden_states(self, idx, attention_mask=None, cache=None, cache_at=None):
+        """Final-LayerNorm features (B, T, C). Without a cache, attention_mask (B, T) marks the real tokens
+        of idx. With a cache, the T tokens go to its slots cache_at (T,), a long tensor, and
+        attention_mask (B, max_len) marks every real token in the cache, these T included."""
         B, T = idx.shape
-        start = cache.length if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds the model's context of {self.config.block_size}")
+        if cache is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens exceeds the model's context of {self.config.block_size}")
+            cache_at = torch.arange(T, device=idx.device)
+        elif attention_mask is None or cache_at is None:
+            raise ValueError("a forward with a cache needs attention_mask over its slots and cache_at, the slots of idx")
         if attention_mask is not None:
-            pos = position_ids_from_mask(attention_mask)[:, start:start + T]  # (B, T)
-            visible = visibility_mask(attention_mask, start, T, idx.device)
+            pos = position_ids_from_mask(attention_mask).index_select(1, cache_at)  # (B, T)
+            visible = visibility_mask(attention_mask, cache_at)
         else:
-            pos = torch.arange(start, start + T, device=idx.device)
-            visible = None if start == 0 else visibility_mask(torch.ones(B, start + T, device=idx.device), start, T, idx.device)
+            pos, visible = cache_at, None  # plain causal attention over a full, unpadded sequence
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, layer, visible, cache)
-        if cache is not None:
-            cache.length += T
+            x = block(x, layer, visible, cache, cache_at)
         return self.transformer.ln_f(x)
 
-    def forward(self, idx, attention_mask=None, cache=None, positions=None):
+    def forward(self, idx, attention_mask=None, cache=None, cache_at=None, positions=None):
         """Logits for every position: logits[:, t] predicts idx[:, t + 1]. (B, T, vocab)
         positions, a bool mask (B, T): the logits of those positions only, (N, vocab) in row-major
         order. The LM head is most of a small model's compute, and a loss needs it only where it
         predicts a token it scores."""
-        features = self.hidden_states(idx, attention_mask, cache)
+        features = self.hidden_states(idx, attention_mask, cache, cache_at)
         return self.lm_head(features if positions is None else features[positions])
 
     # ------------------------------------------------------------------ GPT-2 weights

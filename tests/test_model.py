@@ -38,10 +38,9 @@ def test_sequence_longer_than_block_size_raises_value_error():
     model(torch.zeros(1, 16, dtype=torch.long))  # exactly the context is fine
     with pytest.raises(ValueError, match="16"):
         model(torch.zeros(1, 17, dtype=torch.long))
-    cache = KVCache(model.config, 1, 32, "cpu", torch.float32)
-    model(torch.zeros(1, 15, dtype=torch.long), cache=cache)
-    with pytest.raises(ValueError):
-        model(torch.zeros(1, 2, dtype=torch.long), cache=cache)  # 15 cached + 2 new > 16
+    KVCache(model.config, 1, 16, "cpu", torch.float32)  # a cache of exactly the context is fine
+    with pytest.raises(ValueError, match="context of 16"):
+        KVCache(model.config, 1, 17, "cpu", torch.float32)
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["no_mask", "with_mask"])
@@ -64,13 +63,17 @@ def test_kv_cache_decoding_matches_full_forward():
     model = sharp_gpt()
     T = 14
     idx = random_tokens(T, 101, seed=2)[None]
+    mask = torch.ones(1, T, dtype=torch.long)  # every slot real: causality alone hides the ones not written yet
+
+    def slots(a, b):
+        return torch.arange(a, b)
+
     with torch.no_grad():
         full = model(idx)
         cache = KVCache(model.config, 1, T, "cpu", torch.float32)
-        pieces = [model(idx[:, :5], cache=cache)]  # prefill
-        pieces += [model(idx[:, t:t + 1], cache=cache) for t in range(5, 10)]  # one token at a time
-        pieces.append(model(idx[:, 10:], cache=cache))  # several new tokens after a prefill
-    assert cache.length == T
+        pieces = [model(idx[:, :5], mask, cache, slots(0, 5))]  # prefill
+        pieces += [model(idx[:, t:t + 1], mask, cache, slots(t, t + 1)) for t in range(5, 10)]  # one token at a time
+        pieces.append(model(idx[:, 10:], mask, cache, slots(10, T)))  # several new tokens after a prefill
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, **TOL)
 
 
@@ -97,17 +100,22 @@ def test_left_padded_batch_matches_each_row_run_alone():
 
 
 def test_left_padded_kv_cache_decoding_matches_each_row_run_alone():
+    """The static cache: slots beyond the prompt hold garbage until written, hidden by the mask, which
+    grows by one slot per step, as the sampler's Decoder does it."""
     model = sharp_gpt()
     prompts = [random_tokens(n, 101, seed=20 + n) for n in (7, 2, 5)]
     continuation = torch.randint(0, 101, (3, 6), generator=torch.Generator().manual_seed(3))  # teacher-forced
-    ids, mask = left_padded(prompts, pad_seed=4)
+    ids, prompt_mask = left_padded(prompts, pad_seed=4)
     width = ids.shape[1]
     with torch.no_grad():
         cache = KVCache(model.config, 3, width + 6, "cpu", torch.float32)
-        steps = [model(ids, attention_mask=mask, cache=cache)[:, -1]]
+        cache.k.normal_(), cache.v.normal_()  # garbage in the unwritten slots must not leak in
+        mask = torch.zeros(3, width + 6, dtype=torch.long)
+        mask[:, :width] = prompt_mask
+        steps = [model(ids, mask, cache, torch.arange(width))[:, -1]]
         for t in range(5):
-            mask = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], dim=1)
-            steps.append(model(continuation[:, t:t + 1], attention_mask=mask, cache=cache)[:, -1])
+            mask[:, width + t] = 1
+            steps.append(model(continuation[:, t:t + 1], mask, cache, torch.tensor([width + t]))[:, -1])
         decoded = torch.stack(steps, dim=1)  # (B, 6, V): logits after the prompt and after each new token
         for i, prompt in enumerate(prompts):
             alone = model(torch.cat([prompt, continuation[i, :5]])[None])[0]  # (len + 5, V)

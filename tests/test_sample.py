@@ -9,6 +9,7 @@ import sample
 from cli import UserError
 from conftest import sharp_gpt, tiny_gpt
 from data import EOT
+from model import left_pad
 
 
 def draws(logits_row, n, **kwargs):
@@ -164,12 +165,14 @@ def test_completions_are_cut_before_the_first_end_of_text(monkeypatch, gpt2_voca
     assert raw == script  # without stopping, every drawn token comes back
 
 
-def test_generation_stops_early_once_every_row_has_ended(monkeypatch, gpt2_vocab_model):
+def test_every_batch_takes_exactly_max_new_tokens_draws_with_no_early_exit(monkeypatch, gpt2_vocab_model):
+    """A fixed number of decode steps (nothing asks the host whether every row has ended), and a row
+    that has ended emits end-of-text whatever is drawn for it."""
     script = [[5, EOT] + [7] * 38, [EOT] + [8] * 39]
     fake, calls = scripted_next_token(script)
     monkeypatch.setattr(sample, "next_token", fake)
     assert sample.generate(gpt2_vocab_model, [[464], [40, 41]], 40) == [[5], []]
-    assert len(calls) < 40
+    assert len(calls) == 40
 
 
 def test_model_that_always_predicts_end_of_text_gives_empty_completions():
@@ -183,3 +186,73 @@ def test_model_that_always_predicts_end_of_text_gives_empty_completions():
         model.transformer.wte.weight[EOT, 0] = 1.0
     assert sample.generate(model, [[464, 3807], [40]], 12, temperature=0) == [[], []]
     assert sample.generate(model, [[464, 3807]], 3, temperature=0, stop_at_eot=False) == [[EOT] * 3]
+
+
+# ---------------------------------------------------------------------------- the static-cache sampler
+def eot_prone_gpt():
+    """A float64 GPT over GPT-2's vocabulary that often draws end-of-text at temperature
+    1, so rows of one batch end at different steps."""
+    model = tiny_gpt(vocab_size=50257, block_size=32, n_embd=16).double().eval()
+    with torch.no_grad():
+        model.transformer.ln_f.bias[0] = 3.0
+        model.transformer.wte.weight[EOT] = 0.0
+        model.transformer.wte.weight[EOT, 0] = 2.2
+    return model
+
+
+def full_recompute_sample(model, prompts, max_new_tokens, generator, stop_at_eot=True):
+    """The plain sampler the static cache must equal: no cache, the whole left-padded sequence through the
+    model at every step, the same next_token and the same draws of the generator, ended rows fed end-of-text."""
+    sequences, done = [list(p) for p in prompts], torch.zeros(len(prompts), dtype=torch.bool)
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            ids, mask = left_pad(sequences)
+            token = sample.next_token(model(ids, attention_mask=mask)[:, -1], generator=generator)
+            token = torch.where(done, EOT, token)
+            done |= (token == EOT) & stop_at_eot
+            for sequence, t in zip(sequences, token.tolist()):
+                sequence.append(t)
+    out = [s[len(p):] for s, p in zip(sequences, prompts)]
+    return [c[:c.index(EOT)] if stop_at_eot and EOT in c else c for c in out]
+
+
+MIXED_PROMPTS = [[464], [40, 41, 42], [1212, 318, 257, 4, 5, 6, 7], [9], [33, 44], [7] * 11]
+
+
+@pytest.mark.parametrize("stop_at_eot", [True, False])
+def test_static_cache_sampler_draws_the_tokens_of_a_full_recompute_sampler_in_float64(stop_at_eot):
+    """Mixed prompt lengths (left padding, a width bucket wider than the longest prompt), rows ending at
+    different steps, batches of 4 (the last one of 2), and the same model used twice (its decoders reused)."""
+    model = eot_prone_gpt()
+    for _ in range(2):
+        got = sample.generate(model, MIXED_PROMPTS, 14, stop_at_eot=stop_at_eot, batch_size=4,
+                              generator=torch.Generator().manual_seed(1))
+        draws = torch.Generator().manual_seed(1)
+        expected = (full_recompute_sample(model, MIXED_PROMPTS[:4], 14, draws, stop_at_eot)
+                    + full_recompute_sample(model, MIXED_PROMPTS[4:], 14, draws, stop_at_eot))
+        assert got == expected
+    lengths = [len(c) for c in got]
+    if stop_at_eot:  # end-of-text came mid-batch: some rows ended early, others ran on
+        assert min(lengths) < 13 and max(lengths) == 14
+    else:
+        assert any(EOT in c[:-1] for c in got) and lengths == [14] * len(got)
+
+
+def test_a_batch_padded_to_its_bucket_draws_what_the_prompts_alone_would():
+    """On CUDA a batch pads to a bucket of rows, each padding row a one-token prompt whose samples are
+    dropped. The same padded decoder, run eagerly here, draws exactly the full-recompute tokens."""
+    model = eot_prone_gpt()
+    prompts = MIXED_PROMPTS[:5]
+    rows = sample.batch_bucket(len(prompts))
+    assert rows == 8
+    width = sample.width_bucket(max(len(p) for p in prompts), 12, model.config.block_size)
+    decoder = sample.Decoder(model.config, rows, width + 12, "cpu", torch.float64, capture=False)
+    with torch.no_grad():
+        got = sample.decode(model, decoder, prompts, width, 12, 1.0, 0, 1.0, True, torch.Generator().manual_seed(2))
+    assert got == full_recompute_sample(model, prompts, 12, torch.Generator().manual_seed(2))
+
+
+def test_buckets_are_few_and_never_smaller_than_the_batch():
+    assert [sample.batch_bucket(n) for n in (1, 8, 9, 16, 17, 256, 257, 1000, 1024)] == [8, 8, 16, 16, 32, 256, 512, 1024, 1024]
+    assert sample.width_bucket(3, 48, 256) == 8 and sample.width_bucket(9, 48, 256) == 16
+    assert sample.width_bucket(7, 10, 16) == 7 and sample.width_bucket(5, 10, 16) == 6  # never past the context

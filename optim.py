@@ -53,12 +53,12 @@ def apply_gradients(model, optimizer, metrics, lr, grad_clip, step):
     then update at learning rate lr. Returns the metrics with the gradient norm added."""
     if dist.is_initialized():  # metrics of the global batch: the mean over ranks of equal shares
         names = sorted(metrics)
-        values = torch.tensor([metrics[k] for k in names], dtype=torch.float64)
+        values = torch.tensor([float(metrics[k]) for k in names], dtype=torch.float64)
         dist.all_reduce(values)
         metrics = dict(zip(names, (values / world_size()).tolist()))
     params = [p for p in model.parameters() if p.requires_grad]
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf")))
-    if not (math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)):
+    if not (math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)):  # the host waits here, once per optimizer step
         optimizer.zero_grad(set_to_none=True)
         raise FloatingPointError(f"non-finite {'loss' if not math.isfinite(metrics['loss']) else 'gradient'} at step {step} "
                                  f"(loss {metrics['loss']}, grad norm {grad_norm}): the learning rate is likely too high "

@@ -39,6 +39,11 @@ from progress import Progress
 from reward import reward_function
 from sample import generate
 
+# Rows per no-grad pass of a rollout (the policy's and reference's log-probs, the critic's values), by
+# device: on a GPU few large passes, bounded by their (rows, T, V) logits (256 x 49 x 50,257 in bf16 is
+# 1.3 GB); on a CPU small ones, whose temporaries stay in its caches.
+ROLLOUT_ROWS = {"cuda": 256, "cpu": 16}
+
 # a checkpoint continues only the run these settings define
 RESUME_FIELDS = ("sft", "reward", "n_prefixes", "max_new_tokens", "batch_size", "minibatch_size", "epochs", "lr",
                  "critic_lr", "warmup_steps", "init_kl_coef", "target_kl", "kl_rate", "gamma", "lam", "clip",
@@ -194,9 +199,9 @@ def rollout(policy, reference, critic, prompts, reward_fn, normalise, kl_coef, c
     generator = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step, 0))
     completions = generate(policy, prompts, cfg.max_new_tokens, stop_at_eot=False, generator=generator)
     ids, mask, _ = prompt_completion_rows(prompts, completions, device)  # every completion is the last L tokens
-    L, parts = cfg.max_new_tokens, []
-    for i in range(0, len(prompts), cfg.minibatch_size):  # in minibatches: (rows, T, V) logits bound the memory
-        rows = slice(i, i + cfg.minibatch_size)
+    L, parts, chunk = cfg.max_new_tokens, [], ROLLOUT_ROWS[device.type]
+    for i in range(0, len(prompts), chunk):
+        rows = slice(i, i + chunk)
         with autocast(device.type):
             parts.append((response_logps(policy, ids[rows], mask[rows], L), response_logps(reference, ids[rows], mask[rows], L),
                           response_values(critic, ids[rows], mask[rows], L)))
@@ -225,15 +230,16 @@ def update(policy, critic, optimizers, batch, cfg, lr, step):
             value_loss = ppo_value_loss(values, batch["values"][rows], batch["returns"][rows], cfg.value_clip).mean()
             (policy_loss + value_loss).backward()  # separate weights: each loss reaches only its own model
             ratio = torch.exp(logps.detach() - batch["logps"][rows])
-            metrics = {"loss": policy_loss.item(), "value_loss": value_loss.item(),
-                       "clip_frac": ((ratio - 1).abs() > cfg.clip).float().mean().item(),
-                       "approx_kl": (batch["logps"][rows] - logps.detach()).mean().item()}  # KL(pi_old || pi) per token
+            # detached tensors, not .item(): the host reads them once, after the last minibatch
+            metrics = {"loss": policy_loss.detach(), "value_loss": value_loss.detach(),
+                       "clip_frac": ((ratio - 1).abs() > cfg.clip).float().mean(),
+                       "approx_kl": (batch["logps"][rows] - logps.detach()).mean()}  # KL(pi_old || pi) per token
             metrics = apply_gradients(policy, optimizers[0], metrics, lr, cfg.grad_clip, step)
-            metrics["value_grad_norm"] = apply_gradients(critic, optimizers[1], {**metrics, "loss": value_loss.item()},
+            metrics["value_grad_norm"] = apply_gradients(critic, optimizers[1], {**metrics, "loss": value_loss.detach()},
                                                          lr * cfg.critic_lr / cfg.lr, cfg.grad_clip, step)["grad_norm"]
             totals = {k: totals.get(k, 0.0) + v for k, v in metrics.items()}
             n += 1
-    return {k: v / n for k, v in totals.items()}
+    return {k: float(v) / n for k, v in totals.items()}
 
 
 def train_ppo(cfg, prompts, evaluate=None):

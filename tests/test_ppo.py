@@ -425,6 +425,31 @@ def test_response_values_are_the_critic_at_the_position_that_predicts_each_token
         assert max(abs(v - s) for v, s in zip(values[:, -1].tolist(), shifted)) > 1e-2  # not the value after the last token
 
 
+def test_rollout_passes_in_chunks_equal_each_row_run_alone(monkeypatch):
+    """A rollout computes log pi, log pi_ref and V in a few large no-grad passes (ppo.ROLLOUT_ROWS rows
+    each, here 3 over 7 rows: the last chunk short). Each row's numbers equal the row run alone, unpadded,
+    through each model, in float64."""
+    monkeypatch.setitem(ppo.ROLLOUT_ROWS, "cpu", 3)
+    policy, reference = sharp_gpt().double(), sharp_gpt(seed=1).double()
+    critic = make_critic(policy).double()
+    prompts = PROMPTS + [[4, 4], [60, 61, 62, 63, 64, 65], [2]]
+    cfg = ppo.PPOConfig(max_new_tokens=4, seed=3)
+    batch, metrics = ppo.rollout(policy, reference, critic, prompts, lambda texts: [0.0] * len(texts), (0.0, 1.0), 0.1, cfg, step=0)
+    kls = []
+    with torch.no_grad():
+        for b, prompt in enumerate(prompts):
+            row = prompt + batch["ids"][b, -4:].tolist()
+            policy_logits, reference_logits = policy(torch.tensor([row]))[0].tolist(), reference(torch.tensor([row]))[0].tolist()
+            values = critic(torch.tensor([row]), None)[0]
+            positions = range(len(prompt), len(row))
+            logps = [log_softmax_at(policy_logits[p - 1], row[p]) for p in positions]
+            assert batch["logps"][b].tolist() == pytest.approx(logps, rel=1e-10, abs=1e-10)
+            assert batch["values"][b].tolist() == pytest.approx(values[len(prompt) - 1:-1].tolist(), rel=1e-6, abs=1e-6)
+            kls.append(sum(logps) - sum(log_softmax_at(reference_logits[p - 1], row[p]) for p in positions))
+    assert metrics["kl"] == pytest.approx(sum(kls) / len(kls), rel=1e-9)
+    assert abs(metrics["kl"]) > 1e-3  # two different models: a check of the reference pass, not of zero
+
+
 # ---------------------------------------------------------------------------- 10. the Bradley-Terry reward model
 TOKEN_CHOSEN, TOKEN_REJECTED = 31000, 42000
 FILLER = list(range(1000, 1040))

@@ -1,7 +1,8 @@
 """
 Throughput of the project's hot loops on a randomly initialised GPT fed random tokens: an SFT
 step, a DPO step with a live reference model and with precomputed reference log-probs,
-KV-cache sampling, and a PPO step (rollout and update). Each runs the trainers' own functions (losses, optimizers, autocast), so the
+static-cache sampling at two batch sizes, one evaluation (a frontier point), and a PPO step (rollout
+and update). Each runs the trainers' own functions (losses, optimizers, autocast), so the
 numbers predict the real runs. FLOPs are counted explicitly; MFU where the GPU's peak is known.
 
     python bench.py                    # preset by device: cpu or gpu
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 import dpo
+import evaluate
 import ppo
 import sample
 import sft
@@ -40,7 +42,8 @@ class BenchConfig:
     batch_size: int = field(default=16, metadata={"help": "SFT sequences per step"})
     dpo_batch_size: int = field(default=8, metadata={"help": "DPO pairs per step"})
     response_len: int = field(default=48, metadata={"help": "tokens per DPO response, before its end-of-text"})
-    sample_batch_size: int = field(default=16, metadata={"help": "prompts sampled together"})
+    sample_batch_size: int = field(default=16, metadata={"help": "prompts sampled together (and 4x that in a second row)"})
+    eval_prompts: int = field(default=96, metadata={"help": "prompts of one evaluation (the cpu preset's --eval-prefixes)"})
     max_new_tokens: int = field(default=48, metadata={"help": "tokens sampled per prompt"})
     warmup: int = field(default=1, metadata={"help": "untimed iterations before each benchmark"})
     repeats: int = field(default=3, metadata={"help": "timed iterations of each benchmark; the median is reported"})
@@ -48,10 +51,11 @@ class BenchConfig:
     seed: int = field(default=0, metadata={"help": "random seed (weights and tokens)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     out_json: str = field(default=None, metadata={"help": "also write the table to this JSON file"})
+    only: str = field(default="", metadata={"help": "comma-separated benchmarks to run, by the start of their names (sample,ppo); empty = all"})
 
     def validate(self):
         for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "dpo_batch_size", "response_len",
-                     "sample_batch_size", "max_new_tokens", "repeats"):
+                     "sample_batch_size", "eval_prompts", "max_new_tokens", "repeats"):
             check(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         check(self.warmup >= 0, f"--warmup must be >= 0, got {self.warmup}")
         check(self.n_embd % self.n_head == 0, f"--n-embd {self.n_embd} must be divisible by --n-head {self.n_head}")
@@ -64,10 +68,10 @@ class BenchConfig:
 
 PRESETS = {
     "smoke": dict(n_layer=2, n_head=2, n_embd=64, block_size=64, batch_size=4, dpo_batch_size=2, response_len=16,
-                  sample_batch_size=4, max_new_tokens=16),
+                  sample_batch_size=4, eval_prompts=8, max_new_tokens=16),
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16, dpo_batch_size=8, sample_batch_size=16),
     "gpu": dict(n_layer=12, n_head=12, n_embd=768, block_size=256, batch_size=64, dpo_batch_size=64, sample_batch_size=256,
-                warmup=3, repeats=10),  # iterations are cheap on a GPU; the first also compiles
+                eval_prompts=512, warmup=3, repeats=10),  # iterations are cheap on a GPU; the first also compiles
 }
 
 
@@ -156,24 +160,56 @@ def bench_dpo(cfg, device, live_reference):
     return f"{cfg.dpo_batch_size} x {T}", cfg.dpo_batch_size / seconds, "pairs/s", flops, formula
 
 
-def bench_sample(cfg, device):
-    """sample.generate of max_new_tokens per prompt for sample_batch_size prompts, never stopping early."""
+def bench_sample(cfg, device, batch):
+    """sample.generate of max_new_tokens per prompt for `batch` prompts, never stopping early: the
+    static-cache sampler (a CUDA graph per decode step on a GPU), its graph captured in the warm-up."""
     model = new_model(cfg, device).eval()
-    prompts = random_prompts(cfg.sample_batch_size, torch.Generator().manual_seed(cfg.seed))
+    prompts = random_prompts(batch, torch.Generator().manual_seed(cfg.seed))
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
     def step():
         sample.generate(model, prompts, cfg.max_new_tokens, stop_at_eot=False, generator=generator)
 
     seconds = median_seconds(step, cfg, device)
-    # forward only, per new token: 2N for the weights + 4LC per cached position attended (QK^T and AV).
-    # New token n = 0, 1, ... is predicted from P + n positions, P the left-padded prompt width, so the
-    # mean context is P + (n_new - 1) / 2; the prefill's other prompt positions are left out.
+    flops, formula = sampling_flops(model, prompts, cfg.max_new_tokens)
+    return f"{batch} x {cfg.max_new_tokens}", batch * cfg.max_new_tokens / seconds, "tokens/s", flops, formula
+
+
+def sampling_flops(model, prompts, max_new_tokens):
+    """Forward only, per new token: 2N for the weights + 4LC per cached position attended (QK^T and AV).
+    New token n = 0, 1, ... is predicted from P + n positions, P the left-padded prompt width, so the
+    mean context is P + (n_new - 1) / 2; the prefill's other prompt positions are left out."""
     c = model.config
-    context = max(len(p) for p in prompts) + (cfg.max_new_tokens - 1) / 2
-    flops = 2 * model.num_params() + 4 * c.n_layer * c.n_embd * context
-    return (f"{cfg.sample_batch_size} x {cfg.max_new_tokens}", cfg.sample_batch_size * cfg.max_new_tokens / seconds,
-            "tokens/s", flops, f"2N + 4LC x context, context={context:g}")
+    context = max(len(p) for p in prompts) + (max_new_tokens - 1) / 2
+    return 2 * model.num_params() + 4 * c.n_layer * c.n_embd * context, f"2N + 4LC x context, context={context:g}"
+
+
+class RandomScores:
+    """A stand-in for the reward and the judge: their scoring is not what this benchmark times."""
+
+    def score(self, texts):
+        return torch.rand(len(texts), generator=torch.Generator().manual_seed(len(texts))).numpy()
+
+
+def bench_evaluation(cfg, device):
+    """One frontier point, evaluate.evaluate_policy as the Evaluator calls it: eval_prompts completions
+    sampled from the policy, then the sequence KL (the policy's and reference's full logits) and the
+    reference's log-probs, in evaluate.KL_ROWS rows per pass. The classifiers are stand-ins."""
+    policy = new_model(cfg, device).eval()
+    reference = copy.deepcopy(policy)
+    prompts = random_prompts(cfg.eval_prompts, torch.Generator().manual_seed(cfg.seed))
+
+    def step():
+        evaluate.evaluate_policy(policy, reference, RandomScores(), RandomScores(), prompts, cfg.max_new_tokens,
+                                 cfg.sample_batch_size * 4, seed=cfg.seed)
+
+    seconds = median_seconds(step, cfg, device)
+    per_token, _ = sampling_flops(policy, prompts, cfg.max_new_tokens)
+    T, N = max(len(p) for p in prompts) + cfg.max_new_tokens, policy.num_params()
+    # per prompt: sampling L tokens, then the policy's and the reference's forward over T tokens (2 x 2N each)
+    flops = cfg.max_new_tokens * per_token + T * 4 * N
+    return (f"{cfg.eval_prompts} x {cfg.max_new_tokens}", cfg.eval_prompts / seconds, "prompts/s", flops,
+            f"L(2N + 4LC x context) + T(4N), L={cfg.max_new_tokens}, T={T}")
 
 
 def bench_ppo(cfg, device):
@@ -237,17 +273,23 @@ def main(argv=None):
         check_out_json(cfg.out_json)
     device = pick_device(cfg.device)
     peak = peak_flops(device)
-    print(f"bench: N = {new_model(cfg, 'cpu').num_params():,} parameters, L={cfg.n_layer}, C={cfg.n_embd}, "
-          f"device {device}, median of {cfg.repeats} runs after {cfg.warmup} warm-up")
     benchmarks = {
         "sft": lambda: bench_sft(cfg, device),
         "dpo, live reference": lambda: bench_dpo(cfg, device, live_reference=True),
         "dpo, precomputed reference": lambda: bench_dpo(cfg, device, live_reference=False),
-        "sample, kv cache": lambda: bench_sample(cfg, device),
+        "sample, static cache": lambda: bench_sample(cfg, device, cfg.sample_batch_size),
+        "sample, static cache, 4x batch": lambda: bench_sample(cfg, device, 4 * cfg.sample_batch_size),
+        "evaluation (one frontier point)": lambda: bench_evaluation(cfg, device),
         "ppo step (rollout + update)": lambda: bench_ppo(cfg, device),
     }
+    chosen = [name for name in benchmarks if not cfg.only or any(name.startswith(w.strip()) for w in cfg.only.split(","))]
+    if not chosen:
+        raise UserError(f"--only {cfg.only!r} names no benchmark; the benchmarks are: {', '.join(benchmarks)}")
+    print(f"bench: N = {new_model(cfg, 'cpu').num_params():,} parameters, L={cfg.n_layer}, C={cfg.n_embd}, "
+          f"device {device}, median of {cfg.repeats} runs after {cfg.warmup} warm-up")
     rows = []
-    for name, run in benchmarks.items():
+    for name in chosen:
+        run = benchmarks[name]
         config, throughput, unit, flops, formula = run()
         mfu = throughput * flops / peak if peak else None
         rows.append(dict(benchmark=name, config=config, throughput=throughput, unit=unit, flops_per_unit=flops,

@@ -170,23 +170,27 @@ class Evaluator:
     def __call__(self, policy, method, setting, step, log_path, implicit_beta=None):
         """Sample the policy's point; with implicit_beta, also its implicit-reward accuracies (DPO).
         Every method starts from the SFT model, so every step-0 point is the SFT point: sampled once."""
+        t0 = time.time()
         if step == 0 and self.sft_point is not None:
             point = dict(self.sft_point)
         else:
             point, _ = evaluate_policy(policy, self.reference, self.reward_model, self.judge, self.prompts,
                                        self.max_new_tokens, self.batch_size, seed=self.seed)
             self.sft_point = dict(point) if step == 0 else self.sft_point
+        t1 = time.time()
         if implicit_beta is not None:
             point.update(self.implicit(policy, implicit_beta))
-        return self.record(point, method, setting, step, log_path)
+        took = f"{t1 - t0:.1f}s point" + (f" + {time.time() - t1:.1f}s implicit reward" if implicit_beta is not None else "")
+        return self.record(point, method, setting, step, log_path, took)
 
-    def record(self, point, method, setting, step, log_path):
-        """Append a point as a row {method, setting, step, ...} to log_path, print it, and return it."""
+    def record(self, point, method, setting, step, log_path, took=""):
+        """Append a point as a row {method, setting, step, ...} to log_path, print it (with `took`, how long
+        it took), and return it."""
         append_jsonl(log_path, {"method": method, "setting": setting, "step": step, **point, "wall_time": time.time() - self.t0})
         shown = "".join(f" | {k} {v:.3f}" for k, v in point.items() if k.startswith("implicit"))
         print0(f"eval {method} {setting} step {step}: reward {point['reward']:.3f} ± {point['reward_se']:.3f} | "
                f"judge {point['judge']:.3f} ± {point['judge_se']:.3f} | kl {shown_kl(point['kl'], 3)} | "
-               f"distinct {point['distinct']:.2f} | ref logp {point['reference_logp']:.2f}{shown}")
+               f"distinct {point['distinct']:.2f} | ref logp {point['reference_logp']:.2f}{shown}" + (f" | {took}" if took else ""))
         return point
 
 

@@ -10,12 +10,13 @@ def test_bench_reports_every_benchmark_with_positive_throughput_and_flops(tmp_pa
     out = tmp_path / "bench.json"
     bench.main(["--preset", "smoke", "--device", "cpu", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
                 "--block-size", "32", "--batch-size", "2", "--dpo-batch-size", "2", "--response-len", "8",
-                "--sample-batch-size", "2", "--max-new-tokens", "4", "--warmup", "0", "--repeats", "1",
+                "--sample-batch-size", "2", "--eval-prompts", "3", "--max-new-tokens", "4", "--warmup", "0", "--repeats", "1",
                 "--out-json", str(out)])
     table = json.loads(out.read_text())
     rows = {row["benchmark"]: row for row in table["rows"]}
-    assert list(rows) == ["sft", "dpo, live reference", "dpo, precomputed reference", "sample, kv cache",
-                          "ppo step (rollout + update)"]
+    assert list(rows) == ["sft", "dpo, live reference", "dpo, precomputed reference", "sample, static cache",
+                          "sample, static cache, 4x batch", "evaluation (one frontier point)", "ppo step (rollout + update)"]
+    assert rows["sample, static cache, 4x batch"]["config"] == "8 x 4"
     for row in rows.values():
         assert row["throughput"] > 0 and row["flops_per_unit"] > 0 and row["mfu"] is None  # no known peak on a CPU
     # 6N + 12LCT by hand: N = token embedding V*C + per block 12C^2 + 13C + final LayerNorm 2C
@@ -33,6 +34,10 @@ def test_bench_reports_every_benchmark_with_positive_throughput_and_flops(tmp_pa
     L_new = 4
     assert any(rows["ppo step (rollout + update)"]["flops_per_unit"] == L_new * 2 * N + T * 4 * N + 2 * T * 6 * N
                for T in range(2 + L_new, 8 + L_new + 1))
+    # an evaluation prompt: L sampled tokens (2N + 4LC per position attended, P + 1.5 on average for a prompt
+    # width P), then the policy's and reference's forward over the P + L tokens
+    assert any(rows["evaluation (one frontier point)"]["flops_per_unit"] == pytest.approx(
+        L_new * (2 * N + 4 * L * C * (P + (L_new - 1) / 2)) + (P + L_new) * 4 * N) for P in range(2, 9))
 
 
 @pytest.mark.parametrize("kind", ["folder", "parent_is_a_file"])

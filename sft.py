@@ -18,6 +18,7 @@ from data import load_imdb
 from device import autocast, check_divisible, check_model_fits, data_parallel, local_slice, peak_flops, print0, setup_device
 from model import GPT, GPTConfig
 from optim import add_metrics, adamw, apply_gradients, seed_everything, warmup_cosine
+from pretrained import load_gpt2
 from progress import Progress
 
 # a checkpoint continues only the run these settings define
@@ -82,7 +83,7 @@ def build_model(cfg, device):
     if cfg.init.endswith(".pt"):
         return load_model(cfg.init, dropout=cfg.dropout).to(device)
     try:
-        return GPT.from_pretrained(cfg.init, dropout=cfg.dropout).to(device)
+        return load_gpt2(cfg.init, dropout=cfg.dropout).to(device)
     except ValueError as e:
         raise UserError(str(e)) from None
 

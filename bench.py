@@ -143,7 +143,7 @@ def bench_dpo(cfg, device, live_reference):
              for prompt in random_prompts(cfg.dpo_batch_size, generator)]
     precomputed = None
     if not live_reference:
-        precomputed = dpo.reference_logps(reference, pairs, len(pairs), cfg.block_size, device)  # (B, 2)
+        precomputed = dpo.precompute_reference_logps(reference, pairs, len(pairs), cfg.block_size, device)  # (B, 2)
         reference = None  # as in train_dpo: the reference model is not needed any more
 
     def step():
@@ -153,7 +153,7 @@ def bench_dpo(cfg, device, live_reference):
     T = dpo.collate(pairs, cfg.block_size)[0].size(1)  # the padded length of both rows of a pair
     R, head = cfg.response_len + 1, policy.config.vocab_size * policy.config.n_embd  # response + EOT; the LM head's weights
     # per pair: policy forward + backward over 2 rows of T tokens, 2T (6N + 12LCT), less the LM head at
-    # the T - R positions that predict no response token (dpo.response_token_logps skips them), 6VC each;
+    # the T - R positions that predict no response token (logprobs.response_token_logps skips them), 6VC each;
     # a live reference adds their forward, a third of that
     flops = 2 * (T * policy.flops_per_token(T) - (T - R) * 6 * head) * (4 / 3 if live_reference else 1)
     formula = f"2[T(6N + 12LCT) - (T - R)6VC]{' x 4/3' if live_reference else ''}, T={T}, R={R}"
@@ -232,7 +232,7 @@ def bench_ppo(cfg, device):
         batch, _ = ppo.rollout(policy, reference, critic, prompts, lambda texts: scores, (0.0, 1.0), trainer.init_kl_coef,
                                trainer, step=0)
         policy.train()
-        ppo.update(policy, critic, optimizers, batch, trainer, trainer.lr, step=0)
+        ppo.update(policy, critic, optimizers, batch, trainer, trainer.lr, trainer.critic_lr, step=0)
 
     seconds = median_seconds(step, cfg, device)
     L, T, N = cfg.max_new_tokens, max(len(p) for p in prompts) + cfg.max_new_tokens, policy.num_params()

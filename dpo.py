@@ -24,64 +24,17 @@ from checkpoint import load_model, resume, save_checkpoint, training_checkpoint
 from cli import UserError, check, parse_config, run_main
 from data import EOT, get_encoding
 from device import autocast, check_divisible, data_parallel, local_slice, print0, setup_device
-from optim import add_metrics, adamw, apply_gradients, batch_indices
+from logprobs import response_token_logps, sequence_logps
+from optim import add_metrics, adamw, apply_gradients, batch_indices, linear_warmup
 from progress import Progress
 
 # a checkpoint continues only the run these settings define
 RESUME_FIELDS = ("sft", "pairs", "beta", "loss_type", "alpha", "gamma", "lam", "desirable_weight", "undesirable_weight",
                  "label_smoothing", "batch_size", "optimizer", "lr",
                  "warmup_steps", "max_length", "append_eot", "seed")
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "kto", "simpo", "orpo", "unlikelihood")
-REFERENCE_FREE = ("simpo", "orpo", "unlikelihood")  # the losses that need no pi_ref
 
 
 # ---------------------------------------------------------------------------- the math
-def target_logps(logits, targets):
-    """log softmax(logits)[target] along the last axis: logits (..., V), targets (...) -> (...), in
-    float32 or better (bf16 -> float32; float64 stays float64)."""
-    # log_softmax(z)[y] = z[y] - logsumexp(z): one float32 (..., V) temporary, not two
-    dtype = torch.promote_types(logits.dtype, torch.float32)
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).to(dtype) - torch.logsumexp(logits.to(dtype), dim=-1)
-
-
-def token_logps(logits, tokens):
-    """log pi(tokens[t] | tokens[<t]) for t = 1..T-1: (B, T-1). logits (B, T, V) with logits[:, t]
-    predicting tokens[:, t + 1]."""
-    return target_logps(logits[:, :-1], tokens[:, 1:])  # position t-1 predicts token t
-
-
-def response_token_logps(model, tokens, response_mask, no_grad_rows=None, attention_mask=None):
-    """log pi(y_t | x, y_<t) at each response token, 0 elsewhere: (B, T-1), the values of
-    torch.where(response_mask[:, 1:], token_logps(model(tokens, attention_mask), tokens), 0.0), with
-    the LM head run only at the positions that predict a response token (a quarter of a DPO row's are
-    prompt or padding). no_grad_rows, a bool (B,): rows computed without a graph, in a second forward
-    pass. attention_mask (B, T): for left-padded rows (the evaluator's); DPO's rows are right-padded."""
-    if no_grad_rows is not None:  # two passes: the rows with a graph, then the others without one
-        def part(rows):
-            return response_token_logps(model, tokens[rows], response_mask[rows],
-                                        attention_mask=None if attention_mask is None else attention_mask[rows])
-        with_graph = part(~no_grad_rows)
-        out = with_graph.new_zeros(len(tokens), with_graph.shape[1])
-        out[~no_grad_rows] = with_graph
-        with torch.no_grad():
-            out[no_grad_rows] = part(no_grad_rows)
-        return out
-    mask = response_mask[:, 1:].bool()  # token 0 has no prediction; it is always prompt
-    predicting = F.pad(mask, (0, 1))  # position t predicts token t + 1
-    logps = target_logps(model(tokens, attention_mask, positions=predicting), tokens[:, 1:][mask])  # (N,), row-major
-    return torch.zeros(mask.shape, dtype=logps.dtype, device=logps.device).masked_scatter(mask, logps)
-
-
-def sequence_logps(logits, tokens, response_mask, average=False):
-    """log pi(y|x) = sum over response positions t of log pi(tokens[t] | tokens[<t]); with average, the
-    mean (1/|y|) log pi(y|x) over the response tokens instead (SimPO's reward, ORPO's likelihood).
-    logits (B, T, V) with logits[:, t] predicting tokens[:, t + 1]; response_mask (B, T) marks the
-    response tokens. Returns (B,) in float32 or better (float64 logits stay float64)."""
-    mask = response_mask[:, 1:].bool()  # token 0 has no prediction; it is always prompt
-    logps = torch.where(mask, token_logps(logits, tokens), 0.0).sum(-1)
-    return logps / mask.sum(-1) if average else logps
-
-
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
              beta, label_smoothing=0.0, loss_type="sigmoid"):
     """Per-pair losses and the implicit rewards of chosen and rejected responses, each (B,)."""
@@ -175,34 +128,53 @@ def sppo_loss(policy_logps, reference_logps, win_rates, eta):
     return (policy_logps - reference_logps - eta * (win_rates - 0.5)) ** 2
 
 
-def preference_losses(cfg, policy_token_logps, response_mask, reference_logps=None):
-    """The loss of cfg.loss_type, per example, and the step's metrics. The rows are [chosen; rejected]
-    (B each); for KTO they are [chosen; chosen after the next pair's prompt; rejected; rejected after
-    the next pair's prompt], the mismatched rows giving KTO's KL estimate. policy_token_logps and
-    response_mask (R, T-1), the log-probs zero off the response; reference_logps (R,) the
-    reference's log pi_ref(y|x), or None for the losses without a reference."""
-    logps = policy_token_logps.sum(-1)  # log pi(y|x), (R,)
-    averages = logps / response_mask.sum(-1)  # (1/|y|) log pi(y|x): SimPO's and ORPO's likelihood
-    if cfg.loss_type in ("sigmoid", "ipo", "hinge"):
-        losses, chosen_rewards, rejected_rewards = dpo_loss(*logps.chunk(2), *reference_logps.chunk(2), cfg.beta,
-                                                            cfg.label_smoothing, cfg.loss_type)  # Eq. 7
-        rewards = torch.cat([chosen_rewards, rejected_rewards])
-    elif cfg.loss_type == "kto":
-        (logps, mismatched), (reference_logps, reference_mismatched) = (
-            rearrange(x, "(side group b) -> group (side b)", side=2, group=2) for x in (logps, reference_logps))
-        kl = (mismatched - reference_mismatched).mean()  # the batch's KL(pi || pi_ref) estimate, z before max(., 0)
-        desirable = torch.arange(len(logps), device=logps.device) < len(logps) // 2  # chosen -> desirable
-        losses = kto_loss(logps, reference_logps, desirable, kl, cfg.beta, cfg.desirable_weight, cfg.undesirable_weight)
-        rewards = cfg.beta * (logps - reference_logps).detach()
-    elif cfg.loss_type == "simpo":
-        losses = simpo_loss(*averages.chunk(2), cfg.beta, cfg.gamma)
-        rewards = cfg.beta * averages.detach()  # SimPO's implicit reward: no reference
-    elif cfg.loss_type == "orpo":
-        losses = orpo_loss(*averages.chunk(2), cfg.lam)
-        rewards = None
-    else:  # unlikelihood: token by token
-        losses = unlikelihood_loss(*policy_token_logps.chunk(2), *response_mask.chunk(2), cfg.alpha)
-        rewards = None
+# ---------------------------------------------------------------------------- the losses by --loss-type
+# Each takes the step's rows, [chosen; rejected] (B each): the policy's per-token log-probs and the
+# response mask (2B, T-1), and the reference's log pi_ref(y|x) (2B,) (None for the losses without a
+# reference). Each returns the per-example losses, log pi(y|x) of [chosen; rejected] (2B,), and the
+# implicit rewards of [chosen; rejected] (2B,), or None for a loss that defines none.
+def dpo_losses(cfg, token_logps, mask, reference_logps):
+    """DPO (sigmoid, Eq. 7), IPO and the hinge loss: all three on the log-ratio margin d of dpo_loss."""
+    logps = sequence_logps(token_logps, mask)  # log pi(y|x)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(*logps.chunk(2), *reference_logps.chunk(2), cfg.beta,
+                                                        cfg.label_smoothing, cfg.loss_type)
+    return losses, logps, torch.cat([chosen_rewards, rejected_rewards])
+
+
+def kto_losses(cfg, token_logps, mask, reference_logps):
+    """KTO: the rows are [chosen; chosen after the next pair's prompt; rejected; rejected after the next
+    pair's prompt] (kto_pairs), the mismatched ones only giving the batch's KL estimate."""
+    (logps, mismatched), (reference_logps, reference_mismatched) = (
+        rearrange(x, "(side group b) -> group (side b)", side=2, group=2) for x in (sequence_logps(token_logps, mask), reference_logps))
+    kl = (mismatched - reference_mismatched).mean()  # the batch's KL(pi || pi_ref) estimate, z before max(., 0)
+    desirable = torch.arange(len(logps), device=logps.device) < len(logps) // 2  # chosen -> desirable
+    losses = kto_loss(logps, reference_logps, desirable, kl, cfg.beta, cfg.desirable_weight, cfg.undesirable_weight)
+    return losses, logps, cfg.beta * (logps - reference_logps).detach()
+
+
+def simpo_losses(cfg, token_logps, mask, reference_logps):
+    averages = sequence_logps(token_logps, mask, average=True)  # (1/|y|) log pi(y|x)
+    return simpo_loss(*averages.chunk(2), cfg.beta, cfg.gamma), sequence_logps(token_logps, mask), cfg.beta * averages.detach()
+
+
+def orpo_losses(cfg, token_logps, mask, reference_logps):
+    averages = sequence_logps(token_logps, mask, average=True)  # (1/|y|) log pi(y|x)
+    return orpo_loss(*averages.chunk(2), cfg.lam), sequence_logps(token_logps, mask), None
+
+
+def unlikelihood_losses(cfg, token_logps, mask, reference_logps):
+    return unlikelihood_loss(*token_logps.chunk(2), *mask.chunk(2), cfg.alpha), sequence_logps(token_logps, mask), None
+
+
+LOSSES = {"sigmoid": dpo_losses, "ipo": dpo_losses, "hinge": dpo_losses, "kto": kto_losses, "simpo": simpo_losses,
+          "orpo": orpo_losses, "unlikelihood": unlikelihood_losses}
+LOSS_TYPES = tuple(LOSSES)
+REFERENCE_FREE = ("simpo", "orpo", "unlikelihood")  # the losses that need no pi_ref
+
+
+def preference_losses(cfg, token_logps, mask, reference_logps=None):
+    """The loss of cfg.loss_type, per example, and the step's metrics."""
+    losses, logps, rewards = LOSSES[cfg.loss_type](cfg, token_logps, mask, reference_logps)
     chosen_logps, rejected_logps = logps.detach().chunk(2)
     metrics = {"logps/chosen": chosen_logps.mean(), "logps/rejected": rejected_logps.mean()}
     if rewards is not None:
@@ -305,19 +277,38 @@ def collate(pairs, max_length, device="cpu", append_eot=True):
 
 
 def concatenated_logps(model, tokens, response_mask):
-    """One forward pass over [chosen; rejected] (2B rows) -> (chosen_logps, rejected_logps), each (B,).
-    Right padding needs no attention mask: causal attention never lets a real token see the padding after it."""
-    return response_token_logps(model, tokens, response_mask).sum(-1).chunk(2)
+    """One forward pass over [chosen; rejected] (2B right-padded rows from collate): log pi(y_t | x, y_<t)
+    of every response token, 0 elsewhere, (2B, T-1). Right padding needs no attention mask: causal
+    attention never lets a real token see the padding after it."""
+    return response_token_logps(model, tokens, response_mask)
+
+
+def kto_pairs(pairs):
+    """KTO's rows: each pair, then each prompt followed by the next pair's responses (the mismatched
+    rows of its KL estimate). collate makes them [chosen; mismatched; rejected; mismatched]."""
+    return pairs + [PreferencePair(p.prompt, q.chosen, q.rejected) for p, q in zip(pairs, pairs[1:] + pairs[:1])]
+
+
+def kto_logps(model, tokens, response_mask):
+    """concatenated_logps of KTO's rows (kto_pairs). The mismatched ones only estimate the KL, which
+    kto_loss detaches, so they go through the policy in a second pass without a graph."""
+    mismatched = torch.arange(len(tokens), device=tokens.device) // (len(tokens) // 4) % 2 == 1
+    with_graph = concatenated_logps(model, tokens[~mismatched], response_mask[~mismatched])
+    out = with_graph.new_zeros(len(tokens), with_graph.shape[1])
+    out[~mismatched] = with_graph
+    with torch.no_grad():
+        out[mismatched] = concatenated_logps(model, tokens[mismatched], response_mask[mismatched])
+    return out
 
 
 @torch.no_grad()
-def reference_logps(reference, pairs, batch_size, max_length, device, append_eot=True):
-    """Reference log-probs of every pair, computed once: (N, 2) float32 [chosen, rejected]."""
+def precompute_reference_logps(reference, pairs, batch_size, max_length, device, append_eot=True):
+    """Reference log-probs log pi_ref(y|x) of every pair, computed once: (N, 2) float32 [chosen, rejected]."""
     out = []
     for i in range(0, len(pairs), batch_size):
         tokens, mask = collate(pairs[i:i + batch_size], max_length, device, append_eot)
         with autocast(device):
-            chosen, rejected = concatenated_logps(reference, tokens, mask)
+            chosen, rejected = concatenated_logps(reference, tokens, mask).sum(-1).chunk(2)
         out.append(torch.stack([chosen, rejected], dim=1).float().cpu())
     return torch.cat(out)
 
@@ -382,28 +373,20 @@ def dpo_step(policy, optimizer, micro_batches, reference, cfg, max_length, lr, s
     to call (DDP-wrapped under torchrun); policy owns the weights. Returns the step's metrics."""
     forward = forward if forward is not None else policy  # not `or`: a compiled or DDP module has no truth value
     device = next(policy.parameters()).device
+    policy_logps = kto_logps if cfg.loss_type == "kto" else concatenated_logps
     metrics = {}
     for pairs, precomputed in micro_batches:
-        if cfg.loss_type == "kto":  # KTO's KL estimate: each prompt followed by the next pair's responses
-            pairs = pairs + [PreferencePair(p.prompt, q.chosen, q.rejected) for p, q in zip(pairs, pairs[1:] + pairs[:1])]
-        tokens, response_mask = collate(pairs, max_length, device, cfg.append_eot)  # (2B, T): [chosen; rejected]
-        mask = response_mask[:, 1:]  # (2B, T-1): token 0 has no prediction; it is always prompt
+        tokens, response_mask = collate(kto_pairs(pairs) if cfg.loss_type == "kto" else pairs, max_length, device,
+                                        cfg.append_eot)  # (2B, T): [chosen; rejected]
         with autocast(device.type):
-            # one forward over [chosen; rejected]: log pi(y_t | x, y_<t) of every response token
-            if cfg.loss_type == "kto":  # rows [chosen; mismatched; rejected; mismatched]: the mismatched ones only
-                # estimate the KL, which kto_loss detaches, so they go through the policy without a graph
-                estimate = torch.arange(len(tokens), device=device) // (len(tokens) // 4) % 2 == 1
-                policy_token_logps = response_token_logps(forward, tokens, response_mask, no_grad_rows=estimate)
-            else:
-                policy_token_logps = response_token_logps(forward, tokens, response_mask)  # (2B, T-1)
-            reference_logps = None
-            if cfg.loss_type not in REFERENCE_FREE:
-                if precomputed is not None:
-                    reference_logps = torch.cat(precomputed.to(device).unbind(1))  # (B, 2) -> [chosen; rejected]
-                else:
-                    with torch.no_grad():
-                        reference_logps = response_token_logps(reference, tokens, response_mask).sum(-1)  # log pi_ref(y|x)
-            losses, step_metrics = preference_losses(cfg, policy_token_logps, mask, reference_logps)
+            token_logps = policy_logps(forward, tokens, response_mask)  # log pi(y_t | x, y_<t), (2B, T-1)
+            reference_logps = None  # log pi_ref(y|x), (2B,): precomputed, live, or none (the reference-free losses)
+            if precomputed is not None:
+                reference_logps = torch.cat(precomputed.to(device).unbind(1))  # (B, 2) -> [chosen; rejected]
+            elif cfg.loss_type not in REFERENCE_FREE:
+                with torch.no_grad():
+                    reference_logps = concatenated_logps(reference, tokens, response_mask).sum(-1)
+            losses, step_metrics = preference_losses(cfg, token_logps, response_mask[:, 1:], reference_logps)  # Eq. 7
         loss = losses.mean()
         (loss / len(micro_batches)).backward()  # the step's gradient is the mean over its micro-batches
         add_metrics(metrics, {"loss": loss, **step_metrics}, len(micro_batches))
@@ -443,7 +426,7 @@ def train_dpo(cfg, pairs=None, evaluate=None, sample_pairs=None):
     precomputed = None
     if cfg.precompute_ref and needs_reference:
         t0 = time.time()
-        precomputed = reference_logps(reference, pairs, cfg.micro_batch_size, max_length, device, cfg.append_eot)
+        precomputed = precompute_reference_logps(reference, pairs, cfg.micro_batch_size, max_length, device, cfg.append_eot)
         reference = None  # the reference model is no longer needed in memory
         print0(f"reference log-probs of {len(pairs)} pairs precomputed in {time.time() - t0:.1f}s")
 
@@ -462,7 +445,7 @@ def train_dpo(cfg, pairs=None, evaluate=None, sample_pairs=None):
         for m in range(n_micro):
             micro = local_slice(indices[m * cfg.micro_batch_size:(m + 1) * cfg.micro_batch_size])  # this rank's share
             micro_batches.append(([pairs[i] for i in micro], None if precomputed is None else precomputed[micro]))
-        lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))  # linear warm-up, then constant
+        lr = linear_warmup(cfg.lr, step, cfg.warmup_steps)
         metrics = dpo_step(policy, optimizer, micro_batches, reference, cfg, max_length, lr, step, forward)
         step += 1
         progress.add(cfg.batch_size)

@@ -12,9 +12,8 @@ import numpy as np
 import torch
 
 from checkpoint import append_jsonl, atomic_write
-from dpo import response_token_logps, sequence_logps
 from device import autocast, gather, local_slice, print0, rank
-from model import left_pad
+from logprobs import prompt_completion_rows, response_token_logps, sequence_logps, token_logps
 from sample import generate
 
 # Sequences per forward pass when the KL and log-probs of completions are computed, by device. On a
@@ -44,16 +43,6 @@ def standard_error(values):
 def distinct_ratio(completion):
     """Distinct tokens / tokens of one completion: near 1 for varied text, low for "great great great"."""
     return len(set(completion)) / max(1, len(completion))
-
-
-def prompt_completion_rows(prompts, completions, device):
-    """Rows prompt + completion, left-padded: ids and attention mask (B, T), and the response mask
-    (B, T) marking each completion's tokens, which end every row."""
-    ids, mask = left_pad([p + c for p, c in zip(prompts, completions)], device=device)
-    response_mask = torch.zeros_like(mask)
-    for row, c in enumerate(completions):
-        response_mask[row, ids.shape[1] - len(c):] = 1
-    return ids, mask, response_mask
 
 
 def row_passes(prompts, completions, device):
@@ -105,7 +94,7 @@ def score_completions(prompts, completions, reference, reward_model, judge, poli
             reference_logits = reference(ids, mask)
             if policy is not None:
                 kls.append(sequence_kl(policy(ids, mask), reference_logits, response_mask).cpu())
-            reference_logps.append(sequence_logps(reference_logits, ids, response_mask).cpu() / length)
+            reference_logps.append(sequence_logps(token_logps(reference_logits, ids), response_mask[:, 1:].bool()).cpu() / length)
     texts = [p + c for p, c in zip(prompts, completions)]
     samples = {"reward": reward_model.score(texts).tolist(), "judge": judge.score(texts).tolist(),
                "kl": torch.cat(kls + [torch.zeros(0)]).tolist() if policy is not None else [float(kl)] * len(texts),

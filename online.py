@@ -25,9 +25,8 @@ from checkpoint import load_model, resume, save_checkpoint, training_checkpoint
 from cli import UserError, check
 from device import autocast, setup_device
 from dpo import PreferencePair, make_optimizer, sppo_loss
-from evaluate import prompt_completion_rows
-from optim import apply_gradients
-from ppo import response_logps, step_prompts, step_seed
+from logprobs import completion_token_logps, prompt_completion_rows
+from optim import apply_gradients, linear_warmup, step_prompts, step_seed
 from progress import Progress
 from reward import reward_function
 from sample import generate
@@ -119,7 +118,7 @@ def self_play_samples(policy, prompts, reward_fn, cfg, iteration):
     logps = []
     for rows in torch.arange(len(ids), device=device).split(cfg.batch_size):  # bounded (rows, T, V) logits
         with autocast(device.type):
-            logps.append(response_logps(policy, ids[rows], mask[rows], length).sum(-1))
+            logps.append(completion_token_logps(policy, ids[rows], mask[rows], length).sum(-1))
     rewards = torch.as_tensor(rewards, dtype=torch.float32)
     return {"ids": ids, "mask": mask, "reference_logps": torch.cat(logps),
             "win_rates": win_rates(rewards.reshape(n, k)).flatten().to(device), "r": rewards.mean().item()}
@@ -149,10 +148,10 @@ def train_sppo(cfg, prompts, evaluate=None):
         order = torch.randperm(len(data["ids"]), generator=torch.Generator().manual_seed(step_seed(cfg.seed, iteration, 1)))
         for rows in order.to(device).split(cfg.batch_size):
             with autocast(device):
-                logps = response_logps(policy, data["ids"][rows], data["mask"][rows], cfg.max_new_tokens).sum(-1)  # log pi(y|x)
+                logps = completion_token_logps(policy, data["ids"][rows], data["mask"][rows], cfg.max_new_tokens).sum(-1)  # log pi(y|x)
             loss = sppo_loss(logps, data["reference_logps"][rows], data["win_rates"][rows], cfg.eta).mean()
             loss.backward()
-            lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))  # linear warm-up, then constant
+            lr = linear_warmup(cfg.lr, step, cfg.warmup_steps)
             log_ratio = (logps.detach() - data["reference_logps"][rows]).mean().item()
             metrics = apply_gradients(policy, optimizer, {"loss": loss.item(), "log_ratio": log_ratio}, lr, cfg.grad_clip, step)
             step += 1

@@ -23,7 +23,6 @@ learned from the pairs (bradley_terry.py), or for PPO-GT the ground truth. One s
 import os
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -31,10 +30,9 @@ from checkpoint import load_model, resume, save_checkpoint, training_checkpoint
 from cli import UserError, check, parse_config, run_main
 from data import load_imdb, make_prefixes
 from device import autocast, print0, setup_device
-from dpo import token_logps
-from evaluate import prompt_completion_rows
+from logprobs import completion_token_logps, prompt_completion_rows
 from model import GPT
-from optim import adamw, apply_gradients
+from optim import adamw, check_finite, linear_warmup, mean_over_ranks, step_prompts, step_seed
 from progress import Progress
 from reward import reward_function
 from sample import generate
@@ -124,13 +122,6 @@ class Critic(nn.Module):
         return self.head(self.gpt.hidden_states(idx, attention_mask)).squeeze(-1)
 
 
-def response_logps(model, ids, mask, length):
-    """log pi(y_t | x, y_<t) of the last `length` tokens of each left-padded row: (B, length). Only
-    the positions that predict them go through the LM head, the bulk of a small model's compute."""
-    logits = model.lm_head(model.hidden_states(ids, mask)[:, -length - 1:])  # (B, length + 1, V)
-    return token_logps(logits, ids[:, -length - 1:])
-
-
 def response_values(critic, ids, mask, length):
     """V(x, y_<t) for the last `length` tokens: the value at the position that predicts each one, (B, length)."""
     return critic(ids, mask)[:, -length - 1:-1].float()
@@ -181,15 +172,22 @@ class PPOConfig:
         check(self.clip > 0 and self.value_clip > 0, "--clip and --value-clip must be > 0")
 
 
-def step_seed(seed, step, stream):
-    """A seed of its own for each (run seed, step, stream): a resumed run draws what an uninterrupted one would."""
-    return int(np.random.SeedSequence([seed, step, stream]).generate_state(1)[0])
+@torch.no_grad()
+def reward_scale(policy, prompts, reward_fn, cfg):
+    """Step 2's scale, measured once before training: the mean and std of r over cfg.norm_samples
+    samples of the initial policy (the SFT model), so that its rewards have mean 0 and std 1."""
+    device = next(policy.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, 0, 2))
+    norm_prompts = [prompts[i % len(prompts)] for i in range(cfg.norm_samples)]
+    completions = generate(policy, norm_prompts, cfg.max_new_tokens, stop_at_eot=False, generator=generator, batch_size=256)
+    raw = reward_fn([p + c for p, c in zip(norm_prompts, completions)])
+    return float(raw.mean()), float(raw.std()) + 1e-8
 
 
-def step_prompts(prompts, n, seed, step):
-    """The n prompts of one step, drawn by (seed, step): with replacement only when there are fewer than n."""
-    rng = np.random.default_rng([seed, step])
-    return [prompts[i] for i in rng.choice(len(prompts), n, replace=len(prompts) < n)]
+def normalised_scores(prompts, completions, reward_fn, normalise, device):
+    """Step 2: r(x, y) of each sample, and the same on the initial policy's scale, (r - mean) / std: (B,) each."""
+    raw = torch.as_tensor(reward_fn([p + c for p, c in zip(prompts, completions)]), dtype=torch.float32, device=device)
+    return raw, (raw - normalise[0]) / normalise[1]
 
 
 @torch.no_grad()
@@ -203,11 +201,11 @@ def rollout(policy, reference, critic, prompts, reward_fn, normalise, kl_coef, c
     for i in range(0, len(prompts), chunk):
         rows = slice(i, i + chunk)
         with autocast(device.type):
-            parts.append((response_logps(policy, ids[rows], mask[rows], L), response_logps(reference, ids[rows], mask[rows], L),
+            parts.append((completion_token_logps(policy, ids[rows], mask[rows], L),
+                          completion_token_logps(reference, ids[rows], mask[rows], L),
                           response_values(critic, ids[rows], mask[rows], L)))
     logps, reference_logps, values = (torch.cat(p) for p in zip(*parts))
-    raw_scores = torch.as_tensor(reward_fn([p + c for p, c in zip(prompts, completions)]), dtype=torch.float32, device=device)
-    scores = (raw_scores - normalise[0]) / normalise[1]  # step 2
+    raw_scores, scores = normalised_scores(prompts, completions, reward_fn, normalise, device)  # step 2
     rewards = kl_penalized_rewards(scores, logps, reference_logps, kl_coef)  # step 3
     advantages, returns = gae(rewards, values, cfg.gamma, cfg.lam)  # step 4
     kl = (logps - reference_logps).sum(-1)  # log pi(y|x) / pi_ref(y|x): an unbiased sample of the sequence KL
@@ -215,8 +213,13 @@ def rollout(policy, reference, critic, prompts, reward_fn, normalise, kl_coef, c
     return batch, {"score": raw_scores.mean().item(), "kl": kl.mean().item(), "kl_coef": kl_coef}
 
 
-def update(policy, critic, optimizers, batch, cfg, lr, step):
+def update(policy, critic, optimizers, batch, cfg, lr, critic_lr, step):
     """Step 5: epochs of minibatches of the clipped surrogate (policy) and the clipped value loss (critic)."""
+    policy_optimizer, critic_optimizer = optimizers
+    policy_params, critic_params = ([p for p in m.parameters() if p.requires_grad] for m in (policy, critic))
+    for optimizer, rate in ((policy_optimizer, lr), (critic_optimizer, critic_lr)):
+        for group in optimizer.param_groups:
+            group["lr"] = rate
     L, totals, n = cfg.max_new_tokens, {}, 0
     generator = torch.Generator().manual_seed(step_seed(cfg.seed, step, 1))
     for _ in range(cfg.epochs):
@@ -224,22 +227,28 @@ def update(policy, critic, optimizers, batch, cfg, lr, step):
             rows = rows.to(batch["ids"].device)
             ids, mask = batch["ids"][rows], batch["mask"][rows]
             with autocast(ids.device.type):
-                logps = response_logps(policy, ids, mask, L)  # (b, L)
+                logps = completion_token_logps(policy, ids, mask, L)  # (b, L)
                 values = response_values(critic, ids, mask, L)
             policy_loss = ppo_policy_loss(logps, batch["logps"][rows], batch["advantages"][rows], cfg.clip).mean()
             value_loss = ppo_value_loss(values, batch["values"][rows], batch["returns"][rows], cfg.value_clip).mean()
             (policy_loss + value_loss).backward()  # separate weights: each loss reaches only its own model
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy_params, cfg.grad_clip or float("inf"))
+            check_finite(policy_loss.detach(), grad_norm, step, policy_optimizer)
+            policy_optimizer.step()
+            policy_optimizer.zero_grad(set_to_none=True)
+            value_grad_norm = torch.nn.utils.clip_grad_norm_(critic_params, cfg.grad_clip or float("inf"))
+            check_finite(value_loss.detach(), value_grad_norm, step, critic_optimizer)
+            critic_optimizer.step()
+            critic_optimizer.zero_grad(set_to_none=True)
             ratio = torch.exp(logps.detach() - batch["logps"][rows])
             # detached tensors, not .item(): the host reads them once, after the last minibatch
             metrics = {"loss": policy_loss.detach(), "value_loss": value_loss.detach(),
                        "clip_frac": ((ratio - 1).abs() > cfg.clip).float().mean(),
-                       "approx_kl": (batch["logps"][rows] - logps.detach()).mean()}  # KL(pi_old || pi) per token
-            metrics = apply_gradients(policy, optimizers[0], metrics, lr, cfg.grad_clip, step)
-            metrics["value_grad_norm"] = apply_gradients(critic, optimizers[1], {**metrics, "loss": value_loss.detach()},
-                                                         lr * cfg.critic_lr / cfg.lr, cfg.grad_clip, step)["grad_norm"]
+                       "approx_kl": (batch["logps"][rows] - logps.detach()).mean(),  # KL(pi_old || pi) per token
+                       "grad_norm": grad_norm, "value_grad_norm": value_grad_norm}
             totals = {k: totals.get(k, 0.0) + v for k, v in metrics.items()}
             n += 1
-    return {k: float(v) / n for k, v in totals.items()}
+    return mean_over_ranks({k: float(v) / n for k, v in totals.items()})
 
 
 def train_ppo(cfg, prompts, evaluate=None):
@@ -263,13 +272,7 @@ def train_ppo(cfg, prompts, evaluate=None):
         optimizers[1].load_state_dict(ckpt["critic_optimizer"])
         kl_coef, normalise = ckpt["kl_coef"], ckpt["normalise"]
     else:
-        kl_coef = cfg.init_kl_coef
-        # step 2's scale: r over samples of the initial policy (the SFT model) has mean 0 and std 1
-        generator = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, 0, 2))
-        norm_prompts = [prompts[i % len(prompts)] for i in range(cfg.norm_samples)]
-        completions = generate(policy, norm_prompts, cfg.max_new_tokens, stop_at_eot=False, generator=generator, batch_size=256)
-        raw = reward_fn([p + c for p, c in zip(norm_prompts, completions)])
-        normalise = (float(raw.mean()), float(raw.std()) + 1e-8)
+        kl_coef, normalise = cfg.init_kl_coef, reward_scale(policy, prompts, reward_fn, cfg)
         print0(f"{cfg.name}: reward over {cfg.norm_samples} samples of the initial policy: mean {normalise[0]:.4f}, std {normalise[1]:.4f}")
     progress = Progress(cfg.name, cfg.steps, os.path.join(cfg.out, f"{cfg.name}_log.jsonl"), unit="samples", start_step=step)
     if evaluate and step == 0:
@@ -279,8 +282,8 @@ def train_ppo(cfg, prompts, evaluate=None):
         policy.eval()
         batch, rollout_metrics = rollout(policy, reference, critic, batch_prompts, reward_fn, normalise, kl_coef, cfg, step)
         policy.train()
-        lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-        metrics = update(policy, critic, optimizers, batch, cfg, lr, step)
+        lr, critic_lr = linear_warmup(cfg.lr, step, cfg.warmup_steps), linear_warmup(cfg.critic_lr, step, cfg.warmup_steps)
+        metrics = update(policy, critic, optimizers, batch, cfg, lr, critic_lr, step)
         kl_coef = adapt_kl_coef(kl_coef, rollout_metrics["kl"], cfg.target_kl, cfg.kl_rate)  # step 6
         step += 1
         progress.add(cfg.batch_size)

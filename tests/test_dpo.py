@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import dpo
+import logprobs
 import sample
 from checkpoint import load_checkpoint, load_model, read_jsonl
 from cli import UserError
@@ -26,6 +27,11 @@ LN2 = math.log(2.0)
 
 
 # ---------------------------------------------------------------------------- independent helpers
+def sequence_logps(logits, tokens, response_mask):
+    """logprobs.sequence_logps of full logits (B, T, V), as the evaluator takes it."""
+    return logprobs.sequence_logps(logprobs.token_logps(logits, tokens), response_mask[:, 1:].bool())
+
+
 def brute_sequence_logps(logits, tokens, response_mask):
     """Per row: sum over t >= 1 with response_mask[t] of log_softmax(logits[t - 1])[tokens[t]], Python loops."""
     return [total for total, _ in brute_response_logps(logits, tokens, response_mask)]
@@ -70,7 +76,7 @@ def test_response_token_logps_run_the_head_only_where_a_response_token_is_predic
     loop over the full logits does, 0 elsewhere, and the same gradient as the full head."""
     model = tiny_gpt(vocab_size=97)
     _, tokens, response_mask, spans = gather_case(V=97)
-    got = dpo.response_token_logps(model, tokens, response_mask)  # (B, T-1)
+    got = logprobs.response_token_logps(model, tokens, response_mask)  # (B, T-1)
     logits = model(tokens)
     for (total, count), row, (start, end) in zip(brute_response_logps(logits, tokens, response_mask), got, spans):
         assert row.sum().item() == pytest.approx(total, abs=1e-4) and count == end - start
@@ -78,7 +84,7 @@ def test_response_token_logps_run_the_head_only_where_a_response_token_is_predic
     got.sum().backward()
     grads = {k: p.grad.clone() for k, p in model.named_parameters()}
     model.zero_grad()
-    torch.where(response_mask[:, 1:], dpo.token_logps(model(tokens), tokens), 0.0).sum().backward()
+    torch.where(response_mask[:, 1:], logprobs.token_logps(model(tokens), tokens), 0.0).sum().backward()
     for k, p in model.named_parameters():
         assert torch.allclose(grads[k], p.grad, atol=1e-6), k
     only = torch.zeros_like(response_mask)
@@ -86,13 +92,14 @@ def test_response_token_logps_run_the_head_only_where_a_response_token_is_predic
     torch.testing.assert_close(model(tokens, positions=only), torch.stack([logits[1, 3], logits[2, 0]]))
 
 
-def test_response_token_logps_rows_without_a_graph_keep_their_values_and_pass_no_gradient():
-    """KTO's mismatched rows: the same log-probs, and the gradient of the rows with a graph alone."""
+def test_kto_logps_mismatched_rows_keep_their_values_and_pass_no_gradient():
+    """KTO's rows [chosen; mismatched; rejected; mismatched]: the same log-probs as one pass, and the
+    gradient of the matched rows alone."""
     model = tiny_gpt(vocab_size=97)
     _, tokens, response_mask, _ = gather_case(V=97)
-    rows = torch.tensor([False, True, False, True])
-    got = dpo.response_token_logps(model, tokens, response_mask, no_grad_rows=rows)
-    full = dpo.response_token_logps(model, tokens, response_mask)
+    rows = torch.tensor([False, True, False, True])  # one row of each kind
+    got = dpo.kto_logps(model, tokens, response_mask)
+    full = logprobs.response_token_logps(model, tokens, response_mask)
     torch.testing.assert_close(got, full.detach())
     got.sum().backward()
     grads = {k: p.grad.clone() for k, p in model.named_parameters()}
@@ -104,7 +111,7 @@ def test_response_token_logps_rows_without_a_graph_keep_their_values_and_pass_no
 
 def test_sequence_logps_equals_brute_force_loop_in_float64():
     logits, tokens, response_mask, _ = gather_case()
-    got = dpo.sequence_logps(logits, tokens, response_mask)
+    got = sequence_logps(logits, tokens, response_mask)
     assert got.shape == (4,)
     assert got.dtype in (torch.float32, torch.float64)
     expected = brute_sequence_logps(logits, tokens, response_mask)
@@ -124,24 +131,24 @@ def test_prompt_and_padding_never_count():
                 changed_logits[b, t] = torch.randn(logits.size(2), generator=g) * 1e3
         changed_tokens[b, :start] = torch.randint(0, logits.size(2), (start,), generator=g)  # prompt tokens
         changed_tokens[b, end:] = torch.randint(0, logits.size(2), (logits.size(1) - end,), generator=g)  # padding
-    got = dpo.sequence_logps(changed_logits, changed_tokens, response_mask)
+    got = sequence_logps(changed_logits, changed_tokens, response_mask)
     torch.testing.assert_close(got.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-5)
     # the first token has no prediction, so it never counts even if marked
     marked_first = response_mask.clone()
     marked_first[:, 0] = True
-    got = dpo.sequence_logps(logits, tokens, marked_first)
+    got = sequence_logps(logits, tokens, marked_first)
     torch.testing.assert_close(got.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-5)
 
 
 def test_appending_masked_padding_changes_nothing():
     logits, tokens, response_mask, _ = gather_case(seed=2)
-    base = dpo.sequence_logps(logits, tokens, response_mask)
+    base = sequence_logps(logits, tokens, response_mask)
     g = torch.Generator().manual_seed(3)
     B, T, V = logits.shape
     longer_logits = torch.cat([logits, torch.randn(B, 5, V, generator=g) * 50], dim=1)
     longer_tokens = torch.cat([tokens, torch.randint(0, V, (B, 5), generator=g)], dim=1)
     longer_mask = torch.cat([response_mask, torch.zeros(B, 5, dtype=torch.bool)], dim=1)
-    longer = dpo.sequence_logps(longer_logits, longer_tokens, longer_mask)
+    longer = sequence_logps(longer_logits, longer_tokens, longer_mask)
     torch.testing.assert_close(longer, base, rtol=0, atol=1e-6)
     expected = brute_sequence_logps(logits, tokens, response_mask)
     torch.testing.assert_close(longer.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-5)
@@ -150,7 +157,7 @@ def test_appending_masked_padding_changes_nothing():
 def test_bf16_logits_give_float32_result_close_to_float64_loop():
     # long rows and a wide vocabulary, so a log-softmax computed in bf16 (error ~1e-2 per token) would show
     logits, tokens, response_mask, _ = gather_case(seed=4, B=3, T=40, V=2000, dtype=torch.bfloat16)
-    got = dpo.sequence_logps(logits, tokens, response_mask)
+    got = sequence_logps(logits, tokens, response_mask)
     assert got.dtype in (torch.float32, torch.float64)
     expected = brute_sequence_logps(logits, tokens, response_mask)  # the bf16 values, exactly, in float64
     torch.testing.assert_close(got.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=2e-4)
@@ -293,9 +300,9 @@ def test_loss_is_ln2_when_policy_equals_reference():
     pairs = random_pairs(random.Random(0), 5, vocab=50257, prompt_len=(1, 7), response_len=(1, 9))
     tokens, response_mask = dpo.collate(pairs, max_length=32)
     assert (~response_mask[:, -1]).any(), "the batch should hold right padding"
-    policy_chosen, policy_rejected = dpo.concatenated_logps(policy, tokens, response_mask)
+    policy_chosen, policy_rejected = dpo.concatenated_logps(policy, tokens, response_mask).sum(-1).chunk(2)
     with torch.no_grad():
-        ref_chosen, ref_rejected = dpo.concatenated_logps(reference, tokens, response_mask)
+        ref_chosen, ref_rejected = dpo.concatenated_logps(reference, tokens, response_mask).sum(-1).chunk(2)
     for beta in (0.1, 0.5):
         losses, chosen_rewards, rejected_rewards = dpo.dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
         assert losses.shape == (5,)
@@ -325,9 +332,9 @@ def test_gradient_matches_paper_form():
 
     # the code: one concatenated, right-padded forward pass and autograd through the DPO loss
     tokens, response_mask = dpo.collate(pairs, max_length=32)
-    policy_chosen, policy_rejected = dpo.concatenated_logps(policy, tokens, response_mask)
+    policy_chosen, policy_rejected = dpo.concatenated_logps(policy, tokens, response_mask).sum(-1).chunk(2)
     with torch.no_grad():
-        ref_chosen, ref_rejected = dpo.concatenated_logps(reference, tokens, response_mask)
+        ref_chosen, ref_rejected = dpo.concatenated_logps(reference, tokens, response_mask).sum(-1).chunk(2)
     losses, _, _ = dpo.dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
     params = list(policy.parameters())
     got = torch.autograd.grad(losses.mean(), params)

@@ -11,10 +11,16 @@ import pytest
 import torch
 
 import dpo
+import logprobs
 from conftest import brute_response_logps, gather_case, log_softmax_at, tiny_gpt
 
 
 # ---------------------------------------------------------------------------- independent helpers
+def sequence_logps(logits, tokens, response_mask, average=False):
+    """logprobs.sequence_logps of full logits (B, T, V), as the trainers' preference_losses takes it."""
+    return logprobs.sequence_logps(logprobs.token_logps(logits, tokens), response_mask[:, 1:].bool(), average)
+
+
 def log_sigmoid(z):
     """log(1 / (1 + exp(-z))), written so neither branch overflows."""
     return -math.log1p(math.exp(-z)) if z >= 0 else z - math.log1p(math.exp(z))
@@ -38,7 +44,7 @@ def random_doubles(seed, n, low, high):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_average_sequence_logps_is_the_mean_over_response_tokens_by_a_float64_loop(dtype):
     logits, tokens, response_mask, _ = gather_case(dtype=dtype)
-    got = dpo.sequence_logps(logits, tokens, response_mask, average=True)
+    got = sequence_logps(logits, tokens, response_mask, average=True)
     assert got.shape == (4,) and got.dtype == dtype
     brute = brute_response_logps(logits, tokens, response_mask)
     assert len({count for _, count in brute}) > 1, "the rows should have responses of different lengths"
@@ -64,17 +70,17 @@ def test_average_sequence_logps_ignores_prompt_and_padding():
     changed_logits = torch.cat([changed_logits, torch.randn(B, 5, V, generator=g) * 50], dim=1)
     changed_tokens = torch.cat([changed_tokens, torch.randint(0, V, (B, 5), generator=g)], dim=1)
     longer_mask = torch.cat([response_mask, torch.zeros(B, 5, dtype=torch.bool)], dim=1)
-    got = dpo.sequence_logps(changed_logits, changed_tokens, longer_mask, average=True)
+    got = sequence_logps(changed_logits, changed_tokens, longer_mask, average=True)
     torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_average_times_response_length_is_the_sum():
     logits, tokens, response_mask, spans = gather_case(seed=2, dtype=torch.float64)
-    average = dpo.sequence_logps(logits, tokens, response_mask, average=True)
+    average = sequence_logps(logits, tokens, response_mask, average=True)
     lengths = torch.tensor([end - start for start, end in spans], dtype=torch.float64)  # response tokens per row
     brute_sums = torch.tensor([total for total, _ in brute_response_logps(logits, tokens, response_mask)], dtype=torch.float64)
     torch.testing.assert_close(average * lengths, brute_sums, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(average * lengths, dpo.sequence_logps(logits, tokens, response_mask), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(average * lengths, sequence_logps(logits, tokens, response_mask), rtol=1e-12, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------- 2. SimPO
@@ -197,8 +203,8 @@ def test_orpo_at_an_average_of_exactly_zero_uses_the_smallest_normal_number(dtyp
 
 def test_orpo_with_lambda_zero_is_the_mean_nll_of_the_chosen_response():
     logits, tokens, response_mask, _ = gather_case(seed=3, dtype=torch.float64)
-    chosen_avg = dpo.sequence_logps(logits[:2], tokens[:2], response_mask[:2], average=True)
-    rejected_avg = dpo.sequence_logps(logits[2:], tokens[2:], response_mask[2:], average=True)
+    chosen_avg = sequence_logps(logits[:2], tokens[:2], response_mask[:2], average=True)
+    rejected_avg = sequence_logps(logits[2:], tokens[2:], response_mask[2:], average=True)
     losses = dpo.orpo_loss(chosen_avg, rejected_avg, lam=0.0)
     brute = brute_response_logps(logits[:2], tokens[:2], response_mask[:2])
     expected = torch.tensor([-total / count for total, count in brute], dtype=torch.float64)  # mean NLL per token

@@ -22,7 +22,7 @@ import reward
 from bradley_terry import BradleyTerryConfig, bradley_terry_loss, train_bradley_terry
 from cli import UserError
 from conftest import save_tiny_checkpoint, sharp_gpt, tiny_gpt
-from evaluate import prompt_completion_rows
+from logprobs import completion_token_logps, prompt_completion_rows
 
 LN2 = math.log(2.0)
 
@@ -393,12 +393,12 @@ PROMPTS = [[5, 17, 3], [42], [7, 8, 9, 10, 11, 12, 13], [99, 1, 64, 2, 30]]
 COMPLETIONS = [[11, 12, 13, 14], [0, 100, 50, 25], [3, 3, 3, 3], [88, 77, 66, 55]]
 
 
-def test_response_logps_equal_each_row_run_alone_without_padding():
+def test_completion_token_logps_equal_each_row_run_alone_without_padding():
     model = sharp_gpt().double()
     ids, mask, _ = prompt_completion_rows(PROMPTS, COMPLETIONS, "cpu")
     assert (mask == 0).any()  # rows of different lengths: some are padded
     with torch.no_grad():
-        logps = ppo.response_logps(model, ids, mask, 4)
+        logps = completion_token_logps(model, ids, mask, 4)
         assert logps.shape == (4, 4) and logps.dtype == torch.float64
         for b, (prompt, completion) in enumerate(zip(PROMPTS, COMPLETIONS)):
             row = prompt + completion

@@ -61,14 +61,18 @@ def save_json(path, obj):
         atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
-def read_json(path):
-    """A JSON file this project wrote; a torn or foreign one is a one-line error naming it."""
+def read_json(path, valid=None, what="the file this project writes there"):
+    """A JSON file this project wrote; a torn, foreign or reshaped one is a one-line error naming it.
+    valid(obj) -> bool checks its shape (what: a few words for the error)."""
     try:
         with open(path) as f:
-            return json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); it may be torn by a crash or edited by hand: "
+            obj = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise UserError(f"{path} is not valid JSON ({str(e)[:80]}); it may be torn by a crash or edited by hand: "
                         f"delete it to rebuild it (or restore it)") from None
+    if valid is not None and not valid(obj):
+        raise UserError(f"{path} is JSON but not {what}; it may be edited by hand: delete it to rebuild it (or restore it)")
+    return obj
 
 
 def write_jsonl(path, rows):
@@ -92,18 +96,22 @@ def append_jsonl(path, row):
             f.write((json.dumps(row) + "\n").encode())
 
 
-def read_jsonl(path):
+def read_jsonl(path, valid=None, what="a row this project writes there"):
     """The rows of a JSONL file. A torn last line (a kill in the middle of an append) is dropped:
-    the run rewrites that row when it continues. A bad line before the last is an error naming it."""
+    the run rewrites that row when it continues. A bad line before the last, or a row that fails
+    valid(row) -> bool, is an error naming it."""
     with open(path, "rb") as f:
         lines = [line for line in f.read().split(b"\n") if line.strip()]
     rows = []
     for number, line in enumerate(lines, 1):
         try:
             rows.append(json.loads(line))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             if number < len(lines):
-                raise UserError(f"{path}:{number}: not a JSON row ({e}); delete the file to rebuild it") from None
+                raise UserError(f"{path}:{number}: not a JSON row ({str(e)[:80]}); delete the file to rebuild it") from None
+            continue
+        if valid is not None and not valid(rows[-1]):
+            raise UserError(f"{path}:{number}: JSON but not {what}; delete the file to rebuild it")
     return rows
 
 
@@ -127,8 +135,8 @@ def load_checkpoint(path, kind=None):
     except Exception as e:  # torch raises several types for truncated or foreign files
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]}); "
                         f"it may be truncated or not from this project; retrain or pass another file") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
-        raise UserError(f"{path} is not a checkpoint of this project (no model and model_config entries)")
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("model_config"), dict):
+        raise UserError(f"{path} is not a checkpoint of this project (no model and model_config dicts)")
     if kind is not None and ckpt.get("kind") != kind:
         raise UserError(f"{path} holds a {ckpt.get('kind')!r} checkpoint, but a {kind!r} one is needed here")
     return ckpt

@@ -68,6 +68,9 @@ def parse_config(config_cls, argv=None, presets=None, default_preset=None, descr
             check(not isinstance(value, float) or math.isfinite(value), f"--{name.replace('_', '-')} must be finite, got {value}")
         check(0 <= getattr(config, "seed", 0) < 2**32, f"--seed must be in [0, 2^32), got {getattr(config, 'seed', 0)}")
         config.validate()
+        if hasattr(config, "name"):  # OUT/NAME.pt: a name, not a path, so nothing is written outside --out
+            check(config.name and config.name not in (".", "..") and not any(c in config.name for c in "/\\\0"),
+                  f"--name must be a plain file name (no / or \\), got {config.name!r}")
         if hasattr(config, "out"):
             check_out_folder(config.out)
     except ValueError as e:

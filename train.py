@@ -41,9 +41,10 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable
 
 import numpy as np
@@ -53,7 +54,7 @@ from bradley_terry import BradleyTerryConfig, train_bradley_terry
 from checkpoint import atomic_write, load_model, read_json, read_jsonl, save_json, write_jsonl
 from cli import UserError, check, parse_config, run_main
 from data import EOT, get_encoding, load_imdb, make_prefixes
-from device import barrier, hardware_name, is_main, local_slice, print0, rank, setup_device
+from device import barrier, check_divisible, hardware_name, is_main, local_slice, print0, rank, setup_device
 from dpo import REFERENCE_FREE, DPOConfig, train_dpo
 from evaluate import Evaluator, plot_frontier, score_completions, shown_kl
 from online import SPPOConfig, online_pairs, train_sppo
@@ -61,7 +62,7 @@ from pairs import best_completions, rso_pairs, sample_and_label
 from ppo import PPOConfig, train_ppo
 from reward import RewardConfig, load_classifier, reward_function, train_reward
 from sample import generate
-from sft import SFTConfig, train_lm
+from sft import SFTConfig, build_model, train_lm
 
 
 class Run:
@@ -82,7 +83,7 @@ class Run:
         for flag, n in (("--reward-test-reviews", cfg.reward_test_reviews), ("--judge-test-reviews", cfg.judge_test_reviews)):
             if n > len(imdb["test"]):
                 raise UserError(f"{flag} {n} exceeds the {len(imdb['test'])} test reviews")
-        self.records = read_json(self.path("settings.json")) if os.path.exists(self.path("settings.json")) else {}
+        self.records = read_records(self.path("settings.json"))
 
     def prefixes(self, split, n, seed, flag):
         try:
@@ -269,17 +270,18 @@ def run_rso(run, folder, beta):
     them accepted by rejection sampling under the learned reward (rm.pt), and every pair of those,
     labelled by the ground truth (pairs.rso_pairs)."""
     cfg = run.cfg
-    sampling = os.path.join(folder, "rso_sampling.json")
-    if not os.path.exists(sampling):  # written after the pairs: a run killed while sampling samples again
+    sampling, rso_pairs_path = os.path.join(folder, "rso_sampling.json"), os.path.join(folder, "rso_pairs.jsonl")
+    # the sampling record is written after the pairs: a run killed while sampling, or one whose pairs were deleted, samples again
+    if not (os.path.exists(sampling) and os.path.exists(rso_pairs_path)):
         policy = load_model(run.path("sft.pt")).to(run.device).eval()
         pairs, rate = rso_pairs(policy, run.learned_reward, run.evaluator.reward_model, run.train_prompts[:cfg.rso_prefixes],
                                 cfg.rso_candidates, cfg.rso_accept, beta, cfg.max_new_tokens, cfg.sample_batch_size, cfg.seed)
-        write_jsonl(os.path.join(folder, "rso_pairs.jsonl"), pairs)
+        write_jsonl(rso_pairs_path, pairs)
         save_json(sampling, {"acceptance_rate": rate, "pairs": len(pairs)})
     accepted = read_json(sampling)
     print0(f"RSO beta={beta:g}: acceptance rate {accepted['acceptance_rate']:.3f} (one in {1 / accepted['acceptance_rate']:.1f} "
            f"SFT samples is a sample of pi*), {accepted['pairs']} pairs")
-    result = run_preference_loss(run, folder, "RSO", "sigmoid", "rso", pairs=os.path.join(folder, "rso_pairs.jsonl"), beta=beta)
+    result = run_preference_loss(run, folder, "RSO", "sigmoid", "rso", pairs=rso_pairs_path, beta=beta)
     return {**result, "rso_acceptance_rate": accepted["acceptance_rate"], "rso_pairs": accepted["pairs"]}
 
 
@@ -352,7 +354,16 @@ def run_best_of_n(run, folder, n):
 # ---------------------------------------------------------------------------- report
 def read_rows(jsonl):
     """Evaluation rows, the last one kept for each (method, setting, step): a resumed run repeats a few."""
-    return list({(row["method"], row["setting"], row["step"]): row for row in read_jsonl(jsonl)}.values())
+    rows = read_jsonl(jsonl, valid=lambda row: isinstance(row, dict) and all(is_number(row.get(k)) for k in EVAL_NUMBERS)
+                      and isinstance(row.get("method"), str) and isinstance(row.get("setting"), str), what="an evaluation row")
+    return list({(row["method"], row["setting"], row["step"]): row for row in rows}.values())
+
+
+EVAL_NUMBERS = ("step", "n", "kl", "reward", "reward_se", "judge", "judge_se", "distinct", "reference_logp")
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def run_report(run):
@@ -365,8 +376,6 @@ def run_report(run):
             if not is_done(run, folder, method_settings(run, name, params)):
                 raise UserError(f"{run.path(folder)} is not done with these settings; run --stage methods first")
             rows += sorted(read_rows(os.path.join(run.path(folder), "eval.jsonl")), key=lambda r: r["step"])
-    write_jsonl(run.path("results.jsonl"), rows)
-    plot_frontier(rows, run.path("frontier.png"))
     final = {}
     for row in rows:  # the last step of each series
         key = (row["method"], row["setting"])
@@ -396,6 +405,9 @@ def run_report(run):
         lines += [f"[{s:.2f}] {enc.decode(p)}|{enc.decode(c)}".replace("\n", "\\n") for p, c, s in zip(prompts, completions, scores)]
     samples = "\n".join(lines)
     print(samples)
+    # written once everything is read: a report that fails leaves the last one whole
+    write_jsonl(run.path("results.jsonl"), rows)
+    plot_frontier(rows, run.path("frontier.png"))
     atomic_write(run.path("report.md"), lambda f: f.write(
         f"# Results\n\n{table_text}\n\nstage summary: {summary}\n\n"
         f"# Samples\n\n[reward] prefix|completion\n```\n{samples}\n```\n".encode()))
@@ -439,7 +451,12 @@ def kl_budget_table(rows):
 
 def read_stage_times(run):
     path = run.path("stage_times.json")
-    return read_json(path) if os.path.exists(path) else {}
+    if not os.path.exists(path):
+        return {}
+    return read_json(path, valid=lambda times: isinstance(times, dict) and all(
+        isinstance(t, dict) and all(isinstance(v, (int, float, str, dict)) for v in t.values())
+        and is_number(t.get("seconds")) and t["seconds"] >= 0 for t in times.values()),
+        what="a table of stage times")
 
 
 def forget_times(run, names):
@@ -675,13 +692,22 @@ class TrainConfig:
         check(self.sppo_prompts * self.sppo_samples % (2 * self.dpo_batch_size) == 0,
               f"SPPO trains on 2 x --dpo-batch-size = {2 * self.dpo_batch_size} completions a step, which must divide an "
               f"iteration's --sppo-prompts x --sppo-samples = {self.sppo_prompts * self.sppo_samples}")
+        check(self.ipo_beta > 0 and self.kto_beta > 0 and self.simpo_beta > 0,
+              f"--ipo-beta, --kto-beta and --simpo-beta must be > 0, got {self.ipo_beta}, {self.kto_beta}, {self.simpo_beta}")
+        check(self.orpo_lambda >= 0, f"--orpo-lambda must be >= 0, got {self.orpo_lambda}")
+        check("kto" not in self.method_list() or self.dpo_micro_batch_size >= 2,
+              f"KTO's KL estimate pairs each prompt with another pair's responses: --dpo-micro-batch-size must be at "
+              f"least 2, got {self.dpo_micro_batch_size}")
         # each stage's own checks, now: a bad setting stops the run before anything is written or removed
-        for stage_cfg in [sft_config(self), reward_config(self), rm_config(self), judge_config(self),
-                          *(dpo_config(self, "", b) for b in self.beta_list()),
-                          *(ppo_config(self, "", t, "rm.pt") for t in self.number_list("ppo_target_kls")),
-                          sppo_config(self, "", self.sppo_eta),
-                          *([pft_config(self, "")] if self.pft_steps else [])]:
-            stage_cfg.validate()
+        for stage_cfg, prefix in [(sft_config(self), "sft"), (reward_config(self), "reward"), (rm_config(self), "rm"),
+                                  (judge_config(self), "judge"), *((dpo_config(self, "", b), "dpo") for b in self.beta_list()),
+                                  *((ppo_config(self, "", t, "rm.pt"), "ppo") for t in self.number_list("ppo_target_kls")),
+                                  (sppo_config(self, "", self.sppo_eta), "sppo"),
+                                  *([(pft_config(self, ""), "pft")] if self.pft_steps else [])]:
+            try:
+                stage_cfg.validate()
+            except ValueError as e:
+                raise ValueError(train_flags(str(e), prefix)) from None
 
     def number_list(self, name):
         """A comma-separated sweep setting (betas, ul_alphas, ppo_target_kls, bon_ns) as floats."""
@@ -694,6 +720,24 @@ class TrainConfig:
         """The methods --methods names, a group (or all) expanded to its methods, each once."""
         names = [m.strip() for m in self.methods.split(",") if m.strip()]
         return list(dict.fromkeys(m for name in names for m in (METHODS if name == "all" else METHOD_GROUPS.get(name, [name]))))
+
+
+# a stage script's settings under train.py's names: --epochs of ppo.py is --ppo-epochs here
+FLAG_ALIASES = {"max_steps": "steps", "beta": "betas", "target_kl": "target_kls", "prompts_per_iteration": "prompts",
+                "samples_per_prompt": "samples"}
+
+
+def train_flags(message, prefix):
+    """A stage script's error message with its flags (--epochs) renamed to train.py's (--ppo-epochs)."""
+    names = {f.name for f in fields(TrainConfig)}
+
+    def rename(match):
+        name = match.group(1).replace("-", "_")
+        for candidate in (f"{prefix}_{name}", f"{prefix}_{FLAG_ALIASES.get(name)}", name, FLAG_ALIASES.get(name)):
+            if candidate in names:
+                return "--" + candidate.replace("_", "-")
+        return match.group(0)
+    return re.sub(r"--([a-z][a-z-]*[a-z])", rename, message)
 
 
 PRESETS = {
@@ -756,9 +800,9 @@ def bring_up_to_date(run, name, stage, settings, artifacts, work):
     if made_from_old:
         print0(f"removing {', '.join(made_from_old)}: made from the {name} being redone, they are redone after it")
     for other in made_from_old:
-        remove(cfg, run.records.pop(other)["artifacts"])
+        remove(cfg, owned_artifacts(other, run.records.pop(other)["stage"]))
     forget_times(run, [name, *made_from_old])
-    run.records[name] = {"stage": stage, "settings": settings, "artifacts": artifacts, "done": False}
+    run.records[name] = {"stage": stage, "settings": settings, "done": False}
     save_json(run.path("settings.json"), run.records)
     result = work()
     run.records[name]["done"] = True
@@ -774,11 +818,49 @@ def require_done(run, stages):
                             f"run --stage {stage} (or --stage all) first")
 
 
+def check_inputs(run):
+    """The checks that need the processes or open a file, made before anything is removed: a bad --init
+    or a batch the ranks cannot share stops the run with OUT as it was."""
+    cfg = run.cfg
+    for flag, batch in (("--sft-batch-size", cfg.sft_batch_size), ("--judge-batch-size", cfg.judge_batch_size),
+                        ("--rm-batch-size", cfg.rm_batch_size), ("--dpo-micro-batch-size", cfg.dpo_micro_batch_size)):
+        check_divisible(batch, flag)
+    sft_runs = cfg.stage in ("all", "sft") and (cfg.force or not is_done(run, "sft", stage_settings(run, "sft")))
+    if cfg.init != "scratch" and sft_runs:
+        build_model(sft_config(cfg), "cpu")  # the weights --init names load (then are freed), or the error says why
+
+
+def read_records(path):
+    """OUT/settings.json: {stage or method run: {"stage", "settings", "done"}}, or {} if there is none."""
+    if not os.path.exists(path):
+        return {}
+    return read_json(path, valid=lambda records: isinstance(records, dict) and all(
+        isinstance(r, dict) and r.get("stage") in STAGES and isinstance(r.get("settings"), dict)
+        and isinstance(r.get("done"), bool) for r in records.values()), what="a record of this project's stages")
+
+
+def owned_artifacts(name, stage):
+    """What the record `name` of `stage` owns under OUT, from the code's own tables and never from the
+    file: a stage's artifacts, or a method run's folder (a plain name: no path can leave OUT)."""
+    if name in STAGES:
+        return STAGES[name].artifacts or []
+    return [name] if stage == "methods" and is_plain_name(name) else []
+
+
+def is_plain_name(name):
+    return bool(name) and name not in (".", "..") and not any(c in name for c in ("/", "\\", "\0", os.sep))
+
+
 def remove(cfg, names):
-    """Remove these artifacts under OUT (rank 0), so their stage or method runs again."""
+    """Remove these artifacts under OUT (rank 0), so their stage or method runs again. Only a plain
+    name directly inside OUT is ever removed; a link is unlinked, never followed."""
     for name in names:
+        if not is_plain_name(name):
+            raise UserError(f"refusing to remove {name!r}: it is not a plain name inside {cfg.out}")
         p = os.path.join(cfg.out, name)
-        if is_main() and os.path.isdir(p):
+        if is_main() and os.path.islink(p):
+            os.remove(p)
+        elif is_main() and os.path.isdir(p):
             shutil.rmtree(p)
         elif is_main() and os.path.exists(p):
             os.remove(p)
@@ -790,6 +872,7 @@ def main():
                        description=__doc__)
     device = setup_device(cfg.device)
     run = Run(cfg, load_imdb(cfg.data, verify=cfg.data_verify), device)
+    check_inputs(run)
     if cfg.stage != "all":
         require_done(run, list(STAGES)[:list(STAGES).index(cfg.stage)])
     for name, stage in STAGES.items():

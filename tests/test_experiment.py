@@ -266,6 +266,16 @@ def test_smoke_pipeline_writes_results_and_resumes_after_a_kill(tmp_path, tiny_i
     assert heldout and all(tuple(p["prompt_ids"]) in openings for p in heldout)
     assert not {tuple(p["prompt_ids"]) for p in heldout} & {tuple(p["prompt_ids"]) for p in pairs}
 
+    # a bad --init on a finished run is refused before anything is removed: every file stays as it was
+    def tree(folder):
+        return {str(p): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    finished = tree(out)
+    (tmp_path / "no_weights").mkdir()
+    for init, says in ((tmp_path / "missing", "missing"), (tmp_path / "no_weights", "holds no model.safetensors")):
+        code, log = run_train(args + ["--init", str(init)], tmp_path)
+        assert code == 2 and "Traceback" not in log and says in log.strip().splitlines()[-1], log[-2000:]
+        assert tree(out) == finished
+
     # the second judge never trains or selects anything: another judge (its logit negated) changes
     # the judge column alone, not one weight of any trained policy, nor any reward or KL
     def trained_weights():

@@ -455,3 +455,102 @@ def test_dpo_refuses_to_resume_after_the_pairs_file_changed(tmp_path):
     pairs.write_text(json.dumps({**row, "chosen_ids": [5]}) + "\n")  # the same path, other pairs
     with pytest.raises(UserError, match="belongs to a run with different settings.*pairs: sha256:"):
         dpo.train_dpo(dataclasses.replace(cfg, max_steps=3))
+
+
+# ---------------------------------------------------------------------------- a run folder is data, never instructions
+def fake_run(out, records):
+    """What train.bring_up_to_date reads of a Run: the config's out and force, the records, the paths."""
+    cfg = train.TrainConfig(out=str(out))
+    return type("FakeRun", (), {"cfg": cfg, "records": records, "path": lambda self, name: os.path.join(str(out), name)})()
+
+
+def test_a_settings_json_naming_paths_outside_out_deletes_nothing_there(tmp_path):
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    (out / "dpo_beta0.1").mkdir(parents=True)
+    (out / "dpo_beta0.1" / "eval.jsonl").write_text("{}\n")
+    outside.mkdir()
+    victims = [outside / "keep.txt", tmp_path / "keep_too.txt"]
+    for victim in victims:
+        victim.write_text("precious")
+    (out / "sft.pt").write_text("old")
+    records = {"sft": {"stage": "sft", "settings": {"x": 1}, "artifacts": ["sft.pt"], "done": True},
+               "dpo_beta0.1": {"stage": "methods", "settings": {}, "artifacts": [str(victims[1]), "dpo_beta0.1"], "done": True},
+               "../outside": {"stage": "methods", "settings": {}, "artifacts": ["../outside/keep.txt"], "done": True}}
+    run = fake_run(out, records)
+    train.bring_up_to_date(run, "sft", "sft", {"x": 2}, ["sft.pt"], lambda: {})
+    assert all(victim.read_text() == "precious" for victim in victims)
+    assert not (out / "sft.pt").exists() and not (out / "dpo_beta0.1").exists()  # its own artifacts: redone
+    assert set(run.records) == {"sft"}
+
+
+def test_remove_refuses_anything_but_a_plain_name_and_unlinks_links_without_following_them(tmp_path):
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    out.mkdir()
+    outside.mkdir()
+    (outside / "keep.txt").write_text("precious")
+    cfg = train.TrainConfig(out=str(out))
+    for name in ("../outside", str(outside), "a/b", ".."):
+        with pytest.raises(UserError, match="not a plain name"):
+            train.remove(cfg, [name])
+    os.symlink(outside, out / "link")
+    train.remove(cfg, ["link"])
+    assert not os.path.lexists(out / "link") and (outside / "keep.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize("script, config", [("sft", sft.SFTConfig), ("dpo", dpo.DPOConfig), ("reward", reward.RewardConfig)])
+@pytest.mark.parametrize("name", ["../../x", "/abs/x", "a/b", ".."])
+def test_name_is_a_file_name_not_a_path(script, config, name, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_config(config, ["--name", name])
+    assert e.value.code == 2 and "--name must be a plain file name" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", ["[]", "3", '"text"', '{"sft": []}', '{"sft": {"stage": "sft"}}', "[" * 100_000])
+def test_a_settings_json_of_the_wrong_shape_is_a_one_line_error_naming_it(tmp_path, content):
+    path = tmp_path / "settings.json"
+    path.write_text(content)
+    with pytest.raises(UserError, match=f"{path} is"):
+        train.read_records(str(path))
+
+
+@pytest.mark.parametrize("content", ["[]", '{"sft": 3}', '{"sft": {"device": "cpu"}}', '{"sft": {"seconds": -5}}',
+                                     '{"sft": {"seconds": 1, "list": [1]}}'])
+def test_a_stage_times_json_of_the_wrong_shape_is_a_one_line_error_naming_it(tmp_path, content):
+    (tmp_path / "stage_times.json").write_text(content)
+    with pytest.raises(UserError, match="stage_times.json is JSON but not a table of stage times"):
+        train.read_stage_times(fake_run(tmp_path, {}))
+
+
+def test_an_evaluation_row_missing_a_number_is_a_one_line_error_naming_its_line(tmp_path):
+    good = {"method": "DPO", "setting": "beta=0.1", "step": 0, "n": 8, "kl": 0.0, "reward": 0.5, "reward_se": 0.1,
+            "judge": 0.5, "judge_se": 0.1, "distinct": 0.9, "reference_logp": -6.0}
+    path = tmp_path / "eval.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "reward": "high"}) + "\n" + json.dumps(good) + "\n")
+    with pytest.raises(UserError, match=r"eval.jsonl:2: JSON but not an evaluation row"):
+        train.read_rows(str(path))
+
+
+@pytest.mark.parametrize("flags, says", [(["--ppo-epochs", "0"], "--ppo-epochs must be positive"),
+                                         (["--ppo-eval-interval", "0"], "--ppo-eval-interval must be positive"),
+                                         (["--kto-beta", "-1"], "--kto-beta"), (["--ipo-beta", "0"], "--ipo-beta"),
+                                         (["--orpo-lambda", "-1"], "--orpo-lambda must be >= 0")])
+def test_train_py_errors_name_the_flag_the_user_typed(flags, says, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        parse_config(train.TrainConfig, ["--out", str(tmp_path)] + flags, presets=train.PRESETS, default_preset="smoke")
+    assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_rank_without_torchrun_is_a_one_line_error_not_a_hang(monkeypatch):
+    from device import setup_device
+    monkeypatch.setenv("RANK", "0")
+    for name in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(UserError, match="RANK is set but WORLD_SIZE, MASTER_ADDR, MASTER_PORT is not"):
+        setup_device("cpu")
+
+
+@pytest.mark.parametrize("state", [{"model": [], "model_config": {}}, {"model": {}, "model_config": 3}, [1, 2]])
+def test_a_checkpoint_whose_parts_are_not_dicts_is_a_one_line_error(tmp_path, state):
+    torch.save(state, tmp_path / "x.pt")
+    with pytest.raises(UserError, match="is not a checkpoint of this project"):
+        load_checkpoint(str(tmp_path / "x.pt"))

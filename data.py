@@ -208,7 +208,8 @@ def _build_cache(path, folder, verify):
         atomic_write(base + ".bin", tokens.tofile)
         atomic_write(base + ".offsets.npy", lambda f: np.save(f, offsets))
         atomic_write(base + ".labels.npy", lambda f: np.save(f, labels))
-        meta = {"bin_bytes": tokens.nbytes, "offsets": len(offsets), "reviews": len(labels)}
+        meta = {"bin_bytes": tokens.nbytes, "offsets": len(offsets), "reviews": len(labels),
+                "sha256": _content_hash(tokens, offsets, labels)}
         atomic_write(base + ".json", lambda f: f.write(json.dumps(meta).encode()))  # written last
     print(f"tokenized IMDb in {time.time() - t0:.0f}s", file=sys.stderr)
 
@@ -218,12 +219,24 @@ def _open_split(base):
     truncated on disk (or torn metadata) raises ValueError instead of feeding training short data."""
     with open(base + ".json", "rb") as f:
         meta = json.load(f)
+    if not isinstance(meta, dict):
+        raise ValueError(f"{base}.json is not a metadata object")
     offsets, labels = np.load(base + ".offsets.npy"), np.load(base + ".labels.npy")
     found = {"bin_bytes": os.path.getsize(base + ".bin"), "offsets": len(offsets), "reviews": len(labels)}
-    if meta != found:
+    if {k: meta.get(k) for k in found} != found:
         raise ValueError(f"{os.path.basename(base)} files hold {found}, their metadata says {meta}")
     tokens = np.memmap(base + ".bin", dtype=np.uint16, mode="r") if found["bin_bytes"] else np.zeros(0, np.uint16)
+    if meta.get("sha256") != _content_hash(tokens, offsets, labels):  # flipped bytes of the right size
+        raise ValueError(f"{os.path.basename(base)} files do not hold what their metadata's checksum says "
+                         f"(damaged on disk, or written by an older version)")
     return TokenizedSplit(tokens, offsets, labels)
+
+
+def _content_hash(tokens, offsets, labels):
+    h = hashlib.sha256()
+    for array in (tokens, offsets, labels):
+        h.update(np.ascontiguousarray(array).data)
+    return h.hexdigest()
 
 
 def make_prefixes(split, n, seed, min_len=2, max_len=8):

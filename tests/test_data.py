@@ -181,15 +181,22 @@ def test_load_imdb_cache_is_rebuilt_when_the_archive_changes(archive, tmp_path):
     assert enc.decode(out["test"].review(0).tolist()) == "A different, longer archive now. Brand new."
 
 
-@pytest.mark.parametrize("damaged_file", ["train.bin", "train.json", "test.offsets.npy"],
-                         ids=["truncated_tokens", "torn_metadata", "truncated_offsets"])
-def test_a_damaged_cache_is_rebuilt_from_the_archive(tiny_imdb, tmp_path, capsys, damaged_file):
+@pytest.mark.parametrize("damaged_file, flip", [("train.bin", False), ("train.json", False), ("test.offsets.npy", False),
+                                               ("test.bin", True)],
+                         ids=["truncated_tokens", "torn_metadata", "truncated_offsets", "flipped_tokens"])
+def test_a_damaged_cache_is_rebuilt_from_the_archive(tiny_imdb, tmp_path, capsys, damaged_file, flip):
     cache = str(tmp_path / "cache")
     first = {split: s.tokens.tolist() for split, s in data.load_imdb(tiny_imdb, cache_dir=cache, verify=False).items()}
     (folder,) = [os.path.join(cache, f) for f in os.listdir(cache)]
     path = os.path.join(folder, damaged_file)
-    with open(path, "r+b") as f:  # cut in half, as a full disk or a copy that stopped would
-        f.truncate(os.path.getsize(path) // 2)
+    with open(path, "r+b") as f:
+        if flip:  # the same size, other bytes: a bad disk sector, a stray write
+            f.seek(10)
+            byte = f.read(1)
+            f.seek(10)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        else:  # cut in half, as a full disk or a copy that stopped would
+            f.truncate(os.path.getsize(path) // 2)
     capsys.readouterr()
     second = data.load_imdb(tiny_imdb, cache_dir=cache, verify=False)
     assert "damaged" in capsys.readouterr().err

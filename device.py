@@ -71,6 +71,10 @@ def setup_device(name="auto"):
     """pick_device, plus joining the process group when started by torchrun."""
     device = pick_device(name)
     if "RANK" in os.environ and not dist.is_initialized():
+        missing = [k for k in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        if missing:
+            raise UserError(f"RANK is set but {', '.join(missing)} is not: start data parallel runs with torchrun "
+                            f"(torchrun --nproc_per_node=N script.py), or unset RANK for one process")
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     if dist.is_initialized() and device.startswith("cuda"):
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"

@@ -225,6 +225,10 @@ def read_pairs(path, max_length, skip_bad=False):
 
 def _parse_pair(line, enc, max_length):
     """One line (bytes) -> PreferencePair; ValueError saying what is wrong with it."""
+    limit = max(1 << 20, 3 * 64 * max_length)  # 64 bytes a token for each of prompt, chosen and rejected, or 1 MiB
+    if len(line) > limit:  # refused by its size, before any time goes into tokenizing it
+        raise ValueError(f"the line is {len(line):,} bytes, more than {limit:,}: far longer than a prompt and two "
+                         f"responses of at most {max_length} tokens each")
     try:
         record = json.loads(line.decode("utf-8"))
     except UnicodeDecodeError as e:

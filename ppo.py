@@ -20,6 +20,7 @@ learned from the pairs (bradley_terry.py), or for PPO-GT the ground truth. One s
 
     python ppo.py --reward out/rm/rm.pt      # after sft.py and bradley_terry.py -> out/ppo/ppo.pt
 """
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -268,6 +269,10 @@ def train_ppo(cfg, prompts, evaluate=None):
     ckpt_path = os.path.join(cfg.out, f"{cfg.name}.pt")
     step, ckpt = resume(ckpt_path, "ppo", cfg, RESUME_FIELDS, policy, optimizers[0])
     if ckpt is not None:
+        parts = ("critic", "critic_optimizer", "kl_coef", "normalise")
+        if any(k not in ckpt for k in parts) or not (math.isfinite(ckpt["kl_coef"]) and all(map(math.isfinite, ckpt["normalise"]))):
+            raise UserError(f"{ckpt_path} lacks a finite {', '.join(parts)}: it is not a PPO checkpoint this project wrote "
+                            f"whole; delete it to start the run again")
         critic.load_state_dict(ckpt["critic"])
         optimizers[1].load_state_dict(ckpt["critic_optimizer"])
         kl_coef, normalise = ckpt["kl_coef"], ckpt["normalise"]
@@ -301,7 +306,11 @@ def train_ppo(cfg, prompts, evaluate=None):
 def main():
     cfg = parse_config(PPOConfig, description="PPO on IMDb train prefixes, from an SFT checkpoint, against a reward checkpoint.")
     imdb = load_imdb(cfg.data, verify=cfg.data_verify)
-    path = train_ppo(cfg, make_prefixes(imdb["train"], cfg.n_prefixes, seed=cfg.seed))
+    try:
+        prompts = make_prefixes(imdb["train"], cfg.n_prefixes, seed=cfg.seed)
+    except ValueError as e:
+        raise UserError(f"--n-prefixes {cfg.n_prefixes} is too many for the data: {e}") from None
+    path = train_ppo(cfg, prompts)
     print0(f"checkpoint: {path}\ntry: python sample.py --ckpt {path} --prompt \"This movie\" --n 4")
 
 

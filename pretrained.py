@@ -99,8 +99,11 @@ def gpt2_n_head(config_path, found):
     try:
         with open(config_path) as f:
             hf = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{config_path} is not a JSON config ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{config_path} is not a JSON config ({str(e)[:80]})") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{config_path} holds a JSON {type(hf).__name__}, not a config object; put the model's "
+                         f"config.json (from save_pretrained) beside it")
     for field, value in found.items():  # (n_ctx, in older configs, sized only HF's mask buffer; n_positions sizes wpe)
         if field in hf and hf[field] != value:
             raise ValueError(f"{config_path}: {field} is {hf[field]} but the weights beside it have {value}; "

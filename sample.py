@@ -176,6 +176,7 @@ class SampleConfig:
     ckpt: str = field(default="out/sft/sft.pt", metadata={"help": "sft or dpo checkpoint (default: where sft.py writes)"})
     prompt: str = field(default="This movie", metadata={"help": "text to continue"})
     n: int = field(default=4, metadata={"help": "completions to draw"})
+    batch_size: int = field(default=64, metadata={"help": "completions drawn at a time (memory grows with it, not with --n)"})
     max_new_tokens: int = field(default=48, metadata={"help": "tokens per completion (the experiment's length)"})
     temperature: float = field(default=1.0, metadata={"help": "0 = greedy"})
     top_k: int = field(default=0, metadata={"help": "keep the k likeliest tokens (0 = all)"})
@@ -184,7 +185,7 @@ class SampleConfig:
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
 
     def validate(self):
-        check(self.n >= 1, f"--n must be at least 1, got {self.n}")
+        check(self.n >= 1 and self.batch_size >= 1, f"--n and --batch-size must be at least 1, got {self.n}, {self.batch_size}")
         check(self.max_new_tokens >= 1, f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
         check(self.temperature >= 0, f"--temperature must be >= 0, got {self.temperature}")
         check(self.top_k >= 0, f"--top-k must be >= 0, got {self.top_k}")
@@ -201,7 +202,7 @@ def main():
     prompt = enc.encode_ordinary(cfg.prompt)
     t0 = time.time()
     completions = generate(model, [prompt] * cfg.n, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
-                           generator=generator)
+                           generator=generator, batch_size=cfg.batch_size)
     for i, c in enumerate(completions):
         print(f"--- sample {i}\n{cfg.prompt}{enc.decode(c)}")
     n_tokens = sum(len(c) for c in completions)

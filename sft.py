@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from checkpoint import load_model, resume, save_checkpoint, training_checkpoint
 from cli import UserError, check, parse_config, run_main
-from data import load_imdb
+from data import EOT, load_imdb
 from device import autocast, check_divisible, check_model_fits, data_parallel, local_slice, peak_flops, print0, setup_device
 from model import GPT, GPTConfig
 from optim import add_metrics, adamw, apply_gradients, seed_everything, warmup_cosine
@@ -83,9 +83,13 @@ def build_model(cfg, device):
     if cfg.init.endswith(".pt"):
         return load_model(cfg.init, dropout=cfg.dropout).to(device)
     try:
-        return load_gpt2(cfg.init, dropout=cfg.dropout).to(device)
+        model = load_gpt2(cfg.init, dropout=cfg.dropout)
     except ValueError as e:
         raise UserError(str(e)) from None
+    if model.config.vocab_size <= EOT:  # every id of GPT-2's tokenizer (r50k_base) needs an embedding row
+        raise UserError(f"{cfg.init}: its vocabulary has {model.config.vocab_size} tokens, fewer than the 50,257 of "
+                        f"GPT-2's tokenizer, which this project uses; pass a model trained with GPT-2's BPE")
+    return model.to(device)
 
 
 def random_windows(tokens, n, length, seed):

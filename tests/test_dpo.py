@@ -268,6 +268,17 @@ def test_skip_bad_returns_only_the_good_pairs(tmp_path):
         (enc.encode_ordinary(g["prompt"]), enc.encode_ordinary(g["chosen"]), enc.encode_ordinary(g["rejected"])) for g in goods]
 
 
+def test_a_line_far_longer_than_the_context_is_refused_by_its_size_before_it_is_tokenized(tmp_path, monkeypatch):
+    path = tmp_path / "pairs.jsonl"
+    write_jsonl(path, [GOOD, {"prompt": "x", "chosen": " good" * 400_000, "rejected": " bad"}, GOOD])  # 2 MB
+    encoded = []
+    monkeypatch.setattr(dpo, "get_encoding", lambda: type("Counting", (), {"encode_ordinary": lambda self, text: encoded.append(
+        len(text)) or get_encoding().encode_ordinary(text)})())
+    with pytest.raises(UserError, match=f"{path}:2: the line is 2,000,0[0-9][0-9] bytes, more than 1,048,576"):
+        dpo.read_pairs(str(path), max_length=32)
+    assert max(encoded) < 100  # only the first line's short texts were tokenized
+
+
 def test_a_line_that_is_not_utf8_is_a_bad_line(tmp_path):
     path = tmp_path / "pairs.jsonl"
     latin1 = json.dumps({"prompt": "Caf\u00e9", "chosen": " good", "rejected": " bad"}, ensure_ascii=False).encode("latin-1")

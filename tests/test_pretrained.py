@@ -340,3 +340,19 @@ def test_header_length_past_the_end_of_the_file_is_refused(tmp_path):
 def test_directory_given_as_weight_file_is_refused_naming_it(tmp_path):
     with pytest.raises(ValueError, match=f"{tmp_path} cannot be read"):
         read_safetensors(str(tmp_path))
+
+
+@pytest.mark.parametrize("content", ["[]", "3", '"gpt2"', "[" * 100_000])
+def test_a_config_json_that_is_not_an_object_is_a_one_line_error_naming_it(tmp_path, content):
+    folder = save_pretrained(tmp_path / "gpt2", gpt2_tensors())
+    (tmp_path / "gpt2" / "config.json").write_text(content)
+    with pytest.raises(ValueError, match="config.json"):
+        load_gpt2(folder)
+
+
+def test_sft_refuses_a_consistent_gpt2_whose_vocabulary_is_smaller_than_the_tokenizer(tmp_path):
+    import sft
+    from cli import UserError
+    folder = save_pretrained(tmp_path / "gpt2", gpt2_tensors())  # a 50-token vocabulary, every size consistent
+    with pytest.raises(UserError, match="fewer than the 50,257"):
+        sft.build_model(sft.SFTConfig(init=folder), "cpu")

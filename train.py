@@ -125,7 +125,7 @@ class Run:
 def sft_config(cfg):
     return SFTConfig(out=cfg.out, name="sft", data=cfg.data, init=cfg.init, n_layer=cfg.n_layer, n_head=cfg.n_head,
                      n_embd=cfg.n_embd, block_size=cfg.block_size, batch_size=cfg.sft_batch_size,
-                     grad_accum=cfg.sft_grad_accum, max_steps=cfg.sft_steps, lr=cfg.sft_lr, min_lr=cfg.sft_lr / 10,
+                     grad_accum=cfg.sft_grad_accum, max_steps=cfg.sft_steps, lr=cfg.sft_lr, min_lr=cfg.sft_min_lr,
                      warmup_steps=max(1, cfg.sft_steps // 20), log_interval=max(1, cfg.sft_steps // 20),
                      eval_interval=max(1, cfg.sft_steps // 4), save_interval=max(1, cfg.sft_steps // 4),
                      seed=cfg.seed, device=cfg.device, compile=cfg.compile)
@@ -311,7 +311,7 @@ def dpo_config(cfg, folder, beta, pairs=None):
     return DPOConfig(sft=os.path.join(cfg.out, "sft.pt"), pairs=pairs or os.path.join(cfg.out, "pairs.jsonl"), out=folder, beta=beta,
                      batch_size=cfg.dpo_batch_size, micro_batch_size=cfg.dpo_micro_batch_size,
                      optimizer=cfg.dpo_optimizer, lr=cfg.dpo_lr, warmup_steps=cfg.dpo_warmup_steps,
-                     max_steps=cfg.dpo_steps, append_eot=False, precompute_ref=cfg.precompute_ref,
+                     max_steps=cfg.dpo_steps, append_eot=cfg.dpo_append_eot, precompute_ref=cfg.precompute_ref,
                      log_interval=max(1, cfg.eval_interval // 5), eval_interval=cfg.eval_interval,
                      save_interval=cfg.eval_interval, seed=cfg.seed, device=cfg.device)
 
@@ -329,7 +329,7 @@ def run_ppo(run, folder, target_kl, reward):
 def ppo_config(cfg, folder, target_kl, reward):
     return PPOConfig(sft=os.path.join(cfg.out, "sft.pt"), reward=os.path.join(cfg.out, reward), out=folder,
                      max_new_tokens=cfg.max_new_tokens, steps=cfg.ppo_steps, batch_size=cfg.ppo_batch_size,
-                     minibatch_size=cfg.ppo_minibatch_size, epochs=cfg.ppo_epochs, lr=cfg.ppo_lr, critic_lr=cfg.ppo_lr * 10,
+                     minibatch_size=cfg.ppo_minibatch_size, epochs=cfg.ppo_epochs, lr=cfg.ppo_lr, critic_lr=cfg.ppo_critic_lr,
                      init_kl_coef=cfg.ppo_init_kl_coef, target_kl=target_kl, norm_samples=cfg.ppo_batch_size,
                      eval_interval=cfg.ppo_eval_interval, save_interval=cfg.ppo_eval_interval, seed=cfg.seed, device=cfg.device)
 
@@ -505,7 +505,7 @@ class Method:
 STAGES = {
     "sft": Stage(run_sft, ["sft.pt", "sft_log.jsonl"],
                  ("seed", "init", "n_layer", "n_head", "n_embd", "block_size", "sft_steps", "sft_batch_size",
-                  "sft_grad_accum", "sft_lr")),
+                  "sft_grad_accum", "sft_lr", "sft_min_lr")),
     "reward": Stage(lambda run: run_classifier(run, "reward", reward_config(run.cfg)), ["reward.pt", "reward_log.jsonl"],
                     ("reward_steps", "reward_lr", "reward_order", "reward_bits", "reward_test_reviews")),
     "pairs": Stage(run_pairs, ["pairs.jsonl", "heldout_pairs.jsonl"],
@@ -519,8 +519,9 @@ STAGES = {
 }
 
 DPO_FIELDS = ("dpo_steps", "dpo_batch_size", "dpo_micro_batch_size", "dpo_optimizer", "dpo_lr", "dpo_warmup_steps",
-              "precompute_ref", "eval_interval")
-PPO_FIELDS = ("ppo_steps", "ppo_batch_size", "ppo_minibatch_size", "ppo_epochs", "ppo_lr", "ppo_init_kl_coef", "ppo_eval_interval")
+              "dpo_append_eot", "precompute_ref", "eval_interval")
+PPO_FIELDS = ("ppo_steps", "ppo_batch_size", "ppo_minibatch_size", "ppo_epochs", "ppo_lr", "ppo_critic_lr", "ppo_init_kl_coef",
+              "ppo_eval_interval")
 METHODS = {
     "sft_point": Method(run_sft_point, lambda cfg: {"sft_point": {}}, ()),
     "preferred_ft": Method(run_preferred_ft, lambda cfg: {"preferred_ft": {}} if cfg.pft_steps else {},
@@ -586,6 +587,7 @@ class TrainConfig:
     sft_batch_size: int = field(default=16, metadata={"help": "SFT sequences per micro-batch"})
     sft_grad_accum: int = field(default=1, metadata={"help": "SFT micro-batches per step"})
     sft_lr: float = field(default=2e-3, metadata={"help": "SFT peak learning rate"})
+    sft_min_lr: float = field(default=2e-4, metadata={"help": "SFT learning rate at the end of its cosine decay"})
     compile: bool = field(default=True, metadata={"help": "torch.compile SFT on CUDA"})
     # 2. the reward (an n-gram classifier) and the second judge (a GPT-trunk classifier)
     reward_steps: int = field(default=1600, metadata={"help": "reward: optimizer steps of 64 reviews"})
@@ -612,6 +614,7 @@ class TrainConfig:
     dpo_optimizer: str = field(default="rmsprop", metadata={"help": "rmsprop (paper) | adamw"})
     dpo_lr: float = field(default=3e-4, metadata={"help": "DPO learning rate (paper: 1e-6 for GPT-2-large)"})
     dpo_warmup_steps: int = field(default=10, metadata={"help": "DPO linear warm-up (paper: 150)"})
+    dpo_append_eot: bool = field(default=False, metadata={"help": "end each pair's responses with end-of-text (off: the sampled completions are fixed-length and did not end)"})
     precompute_ref: bool = field(default=False, metadata={"help": "precompute reference log-probs of every pair once (worth it when the run sees most pairs; not for KTO)"})
     # 5. baselines
     pft_steps: int = field(default=20, metadata={"help": "Preferred-FT optimizer steps (0 = skip)"})
@@ -627,7 +630,8 @@ class TrainConfig:
     ppo_batch_size: int = field(default=48, metadata={"help": "PPO rollouts per step (the paper's authors mention 1,024)"})
     ppo_minibatch_size: int = field(default=16, metadata={"help": "PPO rollouts per optimizer step"})
     ppo_epochs: int = field(default=2, metadata={"help": "PPO passes over each rollout batch"})
-    ppo_lr: float = field(default=3e-4, metadata={"help": "PPO policy learning rate (the critic's is 10x)"})
+    ppo_lr: float = field(default=3e-4, metadata={"help": "PPO policy learning rate"})
+    ppo_critic_lr: float = field(default=3e-3, metadata={"help": "PPO critic learning rate (10x the policy's)"})
     ppo_init_kl_coef: float = field(default=0.05, metadata={"help": "PPO beta_KL at the start; it adapts toward the target KL"})
     ppo_eval_interval: int = field(default=10, metadata={"help": "PPO steps between evaluations"})
     # 7. the DPO family (--methods dpo-family), each trained with DPO's settings
@@ -750,12 +754,12 @@ PRESETS = {
                   rso_prefixes=8, rso_candidates=4, rso_accept=2, sppo_iterations=2, sppo_prompts=8, sppo_samples=2),
     "cpu": dict(),  # the defaults above: 18.1 minutes (figure2) on the 2-core box of the README's CPU results
     "gpu": dict(n_layer=12, n_head=12, n_embd=768, block_size=256, sft_steps=1500, sft_batch_size=64, sft_grad_accum=2,
-                sft_lr=6e-4, judge_steps=800, judge_batch_size=64, judge_lr=1e-4, judge_max_len=256,
+                sft_lr=6e-4, sft_min_lr=6e-5, judge_steps=800, judge_batch_size=64, judge_lr=1e-4, judge_max_len=256,
                 judge_test_reviews=0, n_prefixes=25_000, heldout_prefixes=1000, max_new_tokens=48, sample_batch_size=1024,
                 betas="0.05,0.1,1,5", dpo_steps=600, dpo_batch_size=64, dpo_micro_batch_size=64, dpo_lr=1e-6,
                 dpo_warmup_steps=150, pft_steps=300, pft_lr=1e-5, eval_interval=100, eval_prefixes=512,
                 ul_alphas="0.05,0.1,0.5,1", bon_ns="1,4,16,64", rm_epochs=1, rm_batch_size=64, rm_lr=1e-5,
-                ppo_target_kls="3,6,9,12", ppo_steps=100, ppo_batch_size=512, ppo_minibatch_size=64, ppo_lr=1e-5,
+                ppo_target_kls="3,6,9,12", ppo_steps=100, ppo_batch_size=512, ppo_minibatch_size=64, ppo_lr=1e-5, ppo_critic_lr=1e-4,
                 ppo_eval_interval=20, rso_prefixes=8000, rso_candidates=16, sppo_iterations=3, sppo_prompts=6400),
 }
 

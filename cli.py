@@ -69,8 +69,7 @@ def parse_config(config_cls, argv=None, presets=None, default_preset=None, descr
         check(0 <= getattr(config, "seed", 0) < 2**32, f"--seed must be in [0, 2^32), got {getattr(config, 'seed', 0)}")
         config.validate()
         if hasattr(config, "name"):  # OUT/NAME.pt: a name, not a path, so nothing is written outside --out
-            check(config.name and config.name not in (".", "..") and not any(c in config.name for c in "/\\\0"),
-                  f"--name must be a plain file name (no / or \\), got {config.name!r}")
+            check(is_plain_name(config.name), f"--name must be a plain file name (no / or \\), got {config.name!r}")
         if hasattr(config, "out"):
             check_out_folder(config.out)
     except ValueError as e:
@@ -87,6 +86,11 @@ def check_out_folder(path):
         raise ValueError(f"--out {path}: {existing} is a file, not a folder; pass a folder path")
     if not os.access(existing, os.W_OK):
         raise ValueError(f"--out {path}: {existing} is not writable; pass a folder you can write to")
+
+
+def is_plain_name(name):
+    """A file name with no path in it: nothing joined to a folder with it can leave the folder."""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in ("/", "\\", "\0", os.sep))
 
 
 def check(condition, message):

@@ -83,6 +83,11 @@ def check_finite(loss, grad_norm, step, optimizer):
                                  f"or the data holds an empty sequence; the last good checkpoint is kept")
 
 
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def apply_gradients(model, optimizer, metrics, lr, grad_clip, step):
     """End an optimizer step whose backward() passes are done: average the metrics over ranks,
     clip the gradient norm, stop before the weights change if the loss or gradient is not finite,
@@ -91,8 +96,7 @@ def apply_gradients(model, optimizer, metrics, lr, grad_clip, step):
     params = [p for p in model.parameters() if p.requires_grad]
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf")))
     check_finite(metrics["loss"], grad_norm, step, optimizer)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    set_lr(optimizer, lr)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return {**metrics, "grad_norm": grad_norm}

@@ -33,7 +33,7 @@ from data import load_imdb, make_prefixes
 from device import autocast, print0, setup_device
 from logprobs import completion_token_logps, prompt_completion_rows
 from model import GPT
-from optim import adamw, check_finite, linear_warmup, mean_over_ranks, step_prompts, step_seed
+from optim import adamw, check_finite, linear_warmup, mean_over_ranks, set_lr, step_prompts, step_seed
 from progress import Progress
 from reward import reward_function
 from sample import generate
@@ -218,9 +218,8 @@ def update(policy, critic, optimizers, batch, cfg, lr, critic_lr, step):
     """Step 5: epochs of minibatches of the clipped surrogate (policy) and the clipped value loss (critic)."""
     policy_optimizer, critic_optimizer = optimizers
     policy_params, critic_params = ([p for p in m.parameters() if p.requires_grad] for m in (policy, critic))
-    for optimizer, rate in ((policy_optimizer, lr), (critic_optimizer, critic_lr)):
-        for group in optimizer.param_groups:
-            group["lr"] = rate
+    set_lr(policy_optimizer, lr)
+    set_lr(critic_optimizer, critic_lr)
     L, totals, n = cfg.max_new_tokens, {}, 0
     generator = torch.Generator().manual_seed(step_seed(cfg.seed, step, 1))
     for _ in range(cfg.epochs):

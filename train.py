@@ -52,7 +52,7 @@ import torch
 
 from bradley_terry import BradleyTerryConfig, train_bradley_terry
 from checkpoint import atomic_write, load_model, read_json, read_jsonl, save_json, write_jsonl
-from cli import UserError, check, parse_config, run_main
+from cli import UserError, check, is_plain_name, parse_config, run_main
 from data import EOT, get_encoding, load_imdb, make_prefixes
 from device import barrier, check_divisible, hardware_name, is_main, local_slice, print0, rank, setup_device
 from dpo import REFERENCE_FREE, DPOConfig, train_dpo
@@ -849,10 +849,6 @@ def owned_artifacts(name, stage):
     if name in STAGES:
         return STAGES[name].artifacts or []
     return [name] if stage == "methods" and is_plain_name(name) else []
-
-
-def is_plain_name(name):
-    return bool(name) and name not in (".", "..") and not any(c in name for c in ("/", "\\", "\0", os.sep))
 
 
 def remove(cfg, names):

@@ -153,11 +153,25 @@ def load_model(path, kinds=("sft", "dpo", "ppo", "sppo"), dropout=0.0):
 
 
 def model_config(ckpt, path, dropout=0.0):
-    """The GPTConfig a checkpoint stores, checked: a junk one is a one-line error naming the file."""
+    """The GPTConfig a checkpoint stores, checked: a junk one is a one-line error naming the file, and so
+    is one describing a model larger than the weights the file holds, refused before any is allocated."""
     try:
-        return GPTConfig(**{**ckpt["model_config"], "dropout": dropout})
+        config = GPTConfig(**{**ckpt["model_config"], "dropout": dropout})
     except (TypeError, ValueError) as e:
         raise UserError(f"{path} holds an unusable model_config ({e}); it is damaged or not from this project") from None
+    c = config
+    at_least = c.n_layer * 12 * c.n_embd ** 2 + (c.vocab_size + c.block_size) * c.n_embd  # fewer than the GPT's parameters
+    check_size(path, at_least, ckpt["model"])
+    return config
+
+
+def check_size(path, parameters, state):
+    """A model of `parameters` numbers cannot come from a state holding fewer: a lying config is refused
+    by its size before a model of that size is allocated."""
+    held = sum(t.numel() for t in state.values() if isinstance(t, torch.Tensor))
+    if parameters > held:
+        raise UserError(f"{path} holds a model_config of at least {parameters:,} parameters but weights of only "
+                        f"{held:,} numbers; it is damaged or not from this project")
 
 
 def load_state(module, state, path):

@@ -42,27 +42,38 @@ class Parser(argparse.ArgumentParser):
 
 def parse_config(config_cls, argv=None, presets=None, default_preset=None, description=None):
     """argparse generated from a config dataclass: one --flag per field, defaults shown in --help.
-    A preset is a dict of overrides applied before the flags the user typed."""
-    parser = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    A field that is itself a config (a section: train.py's `dpo: DPOConfig`) gives one --SECTION-FIELD
+    flag per field of its own, in a group of --help, except the fields its metadata marks "fixed"
+    (the paths and shared settings the composing script fills in); a section marked "flat" gives
+    --FIELD flags, its fields' names being whole flag names already (train.py's family: --simpo-gamma).
+    A preset is a dict of overrides,
+    by flag name with _ for - (dpo_lr), applied before the flags the user typed."""
+    parser = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                    usage="%(prog)s [--FLAG VALUE ...] (every flag below)")
     if presets:
         parser.add_argument("--preset", choices=sorted(presets), default=default_preset,
                             help="a named set of overrides (default: by device)")
+    sections = {}
     for f in dataclasses.fields(config_cls):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default
-        overrides = ", ".join(f"{name} {values[f.name]}" for name, values in sorted((presets or {}).items()) if f.name in values)
-        help_text = f.metadata.get("help", " ") + f" (default: {default}" + (f"; preset {overrides})" if overrides else ")")
-        if f.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
-            if default is None:
-                kind = str
-            parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=help_text)
+        if section_of(f) is None:
+            add_flag(parser, f.name, f, f.default, presets)
+            continue
+        default = f.default_factory()
+        prefix = "" if f.metadata.get("flat") else f"{f.name}_"
+        group = parser.add_argument_group(("" if prefix == "" else f"--{f.name}-*: ") + f.metadata.get("help", f.name))
+        sections[f.name] = (default, prefix, [s.name for s in dataclasses.fields(default) if s.name not in f.metadata.get("fixed", ())])
+        for s in dataclasses.fields(default):
+            if s.name in sections[f.name][2]:
+                add_flag(group, prefix + s.name, s, getattr(default, s.name), presets)
     args = parser.parse_args(argv)
     values = dict(presets[args.preset]) if presets and args.preset else {}
     values.update({k: v for k, v in vars(args).items() if v is not None and k != "preset"})
-    config = config_cls(**values)
+    top = {k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(config_cls)}}
+    known = set(top) | {prefix + s for _, prefix, names in sections.values() for s in names}
+    assert set(values) <= known, f"presets name no setting {sorted(set(values) - known)}"
+    for name, (default, prefix, names) in sections.items():
+        top[name] = dataclasses.replace(default, **{s: values[prefix + s] for s in names if prefix + s in values})
+    config = config_cls(**top)
     try:
         for name, value in values.items():
             check(not isinstance(value, float) or math.isfinite(value), f"--{name.replace('_', '-')} must be finite, got {value}")
@@ -75,6 +86,28 @@ def parse_config(config_cls, argv=None, presets=None, default_preset=None, descr
     except ValueError as e:
         parser.error(str(e))
     return config
+
+
+def section_of(f):
+    """The config class of a section field (one whose default is a config dataclass), else None."""
+    if f.default_factory is dataclasses.MISSING:
+        return None
+    default = f.default_factory()
+    return type(default) if dataclasses.is_dataclass(default) else None
+
+
+def add_flag(parser, dest, f, default, presets):
+    """One --flag for a dataclass field, its default and the presets' values in its help."""
+    flag = "--" + dest.replace("_", "-")
+    overrides = ", ".join(f"{name} {values[dest]}" for name, values in sorted((presets or {}).items()) if dest in values)
+    help_text = f.metadata.get("help", " ") + f" (default: {default}" + (f"; preset {overrides})" if overrides else ")")
+    if f.type in (bool, "bool"):
+        parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+    else:
+        kind = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
+        if default is None:
+            kind = str
+        parser.add_argument(flag, dest=dest, type=kind, default=None, metavar=f.name.upper(), help=help_text)
 
 
 def check_out_folder(path):

@@ -15,6 +15,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -166,15 +167,34 @@ def unlikelihood_losses(cfg, token_logps, mask, reference_logps):
     return unlikelihood_loss(*token_logps.chunk(2), *mask.chunk(2), cfg.alpha), sequence_logps(token_logps, mask), None
 
 
-LOSSES = {"sigmoid": dpo_losses, "ipo": dpo_losses, "hinge": dpo_losses, "kto": kto_losses, "simpo": simpo_losses,
-          "orpo": orpo_losses, "unlikelihood": unlikelihood_losses}
+@dataclass
+class Loss:
+    """One line of the family's table: the function on a step's rows (above), whether it needs pi_ref,
+    and, for a loss that train.py runs as a method of its own on DPO's pairs, its name on the frontier
+    and its settings (DPOConfig fields) with their values in the experiment. train.py makes each setting
+    a flag, --<loss>-<setting> (--simpo-gamma), and the method's runs one folder for its values."""
+    losses: Callable
+    reference: bool = True
+    method: str = ""
+    settings: dict = field(default_factory=dict)
+
+
+LOSSES = {
+    "sigmoid": Loss(dpo_losses),  # DPO (Eq. 7): train.py's method dpo, one run per --betas
+    "ipo": Loss(dpo_losses, method="IPO", settings={"beta": 0.1}),
+    "hinge": Loss(dpo_losses),  # SLiC's hinge: dpo.py --loss-type hinge only
+    "kto": Loss(kto_losses, method="KTO", settings={"beta": 0.1}),
+    "simpo": Loss(simpo_losses, reference=False, method="SimPO", settings={"beta": 2.0, "gamma": 0.5}),  # SimPO's defaults
+    "orpo": Loss(orpo_losses, reference=False, method="ORPO", settings={"lam": 0.1}),  # ORPO's default
+    "unlikelihood": Loss(unlikelihood_losses, reference=False),  # the paper's baseline: train.py's unlikelihood, per --ul-alphas
+}
 LOSS_TYPES = tuple(LOSSES)
-REFERENCE_FREE = ("simpo", "orpo", "unlikelihood")  # the losses that need no pi_ref
+REFERENCE_FREE = tuple(name for name, loss in LOSSES.items() if not loss.reference)  # the losses that need no pi_ref
 
 
 def preference_losses(cfg, token_logps, mask, reference_logps=None):
     """The loss of cfg.loss_type, per example, and the step's metrics."""
-    losses, logps, rewards = LOSSES[cfg.loss_type](cfg, token_logps, mask, reference_logps)
+    losses, logps, rewards = LOSSES[cfg.loss_type].losses(cfg, token_logps, mask, reference_logps)
     chosen_logps, rejected_logps = logps.detach().chunk(2)
     metrics = {"logps/chosen": chosen_logps.mean(), "logps/rejected": rejected_logps.mean()}
     if rewards is not None:
@@ -339,8 +359,8 @@ class DPOConfig:
     warmup_steps: int = field(default=150, metadata={"help": "linear warm-up steps, then constant (paper: 150)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     grad_clip: float = field(default=10.0, metadata={"help": "clip the gradient norm (0 = off)"})
-    epochs: float = field(default=1.0, metadata={"help": "passes over the pairs (when max_steps is 0)"})
-    max_steps: int = field(default=0, metadata={"help": "optimizer steps (0 = epochs x pairs / batch)"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the pairs (when steps is 0)"})
+    steps: int = field(default=0, metadata={"help": "optimizer steps (0 = epochs x pairs / batch)"})
     max_length: int = field(default=0, metadata={"help": "longest prompt + response + EOT in tokens (0 = the model's context)"})
     append_eot: bool = field(default=True, metadata={"help": "end each response with end-of-text (off for fixed-length samples)"})
     precompute_ref: bool = field(default=False, metadata={"help": "compute reference log-probs once; free the reference model"})
@@ -354,8 +374,9 @@ class DPOConfig:
     def validate(self):
         check(self.beta > 0, f"--beta must be > 0, got {self.beta}")
         check(self.loss_type in LOSS_TYPES, f"--loss-type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
-        check(self.alpha >= 0 and self.lam >= 0 and self.desirable_weight > 0 and self.undesirable_weight > 0,
-              "--alpha and --lam must be >= 0, --desirable-weight and --undesirable-weight > 0")
+        check(self.alpha >= 0, f"--alpha must be >= 0, got {self.alpha}")
+        check(self.lam >= 0, f"--lam must be >= 0, got {self.lam}")
+        check(self.desirable_weight > 0 and self.undesirable_weight > 0, "--desirable-weight and --undesirable-weight must be > 0")
         check(self.loss_type != "kto" or (self.micro_batch_size >= 2 and not self.precompute_ref),
               "--loss-type kto needs --micro-batch-size of at least 2 (its KL estimate pairs each prompt with another "
               "pair's responses) and a live reference (no --precompute-ref)")
@@ -365,7 +386,7 @@ class DPOConfig:
               f"--batch-size {self.batch_size} must be a multiple of --micro-batch-size {self.micro_batch_size}")
         check(self.optimizer in ("rmsprop", "adamw"), f"--optimizer must be rmsprop or adamw, got {self.optimizer!r}")
         check(self.lr > 0 and self.warmup_steps >= 0 and self.grad_clip >= 0, "--lr must be > 0; --warmup-steps, --grad-clip >= 0")
-        check(self.epochs > 0 and self.max_steps >= 0, "--epochs must be > 0 and --max-steps >= 0")
+        check(self.epochs > 0 and self.steps >= 0, "--epochs must be > 0 and --steps >= 0")
         check(self.max_length == 0 or self.max_length >= 3, f"--max-length must be 0 or at least 3, got {self.max_length}")
         for name in ("log_interval", "eval_interval", "save_interval"):
             check(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive")
@@ -408,21 +429,21 @@ def train_dpo(cfg, pairs=None, evaluate=None, sample_pairs=None):
     """DPO (or a loss of its family) from the SFT checkpoint (policy init and frozen reference). evaluate(step, policy) -> dict
     is called at step 0, every eval_interval steps and at the end. Resumes from OUT/NAME.pt.
     sample_pairs(step, policy) -> the step's batch_size pairs, drawn from the policy as it is now, takes
-    the place of the offline pairs (online DPO, online.py); cfg.max_steps is then the run's length."""
+    the place of the offline pairs (online DPO, online.py); cfg.steps is then the run's length."""
     device = setup_device(cfg.device)
     check_divisible(cfg.micro_batch_size, "--micro-batch-size")
     policy = load_model(cfg.sft).to(device)
     max_length = cfg.max_length or policy.config.block_size
     if max_length > policy.config.block_size:
         raise UserError(f"--max-length {max_length} exceeds the model's context of {policy.config.block_size}")
-    if sample_pairs is not None and (cfg.max_steps == 0 or cfg.precompute_ref):
-        raise UserError("online DPO samples its pairs as it trains: it needs --max-steps > 0 and no --precompute-ref")
+    if sample_pairs is not None and (cfg.steps == 0 or cfg.precompute_ref):
+        raise UserError("online DPO samples its pairs as it trains: it needs --steps > 0 and no --precompute-ref")
     if pairs is None and sample_pairs is None:
         pairs = read_pairs(cfg.pairs, max_length, cfg.skip_bad_lines)
     needs_reference = cfg.loss_type not in REFERENCE_FREE
     reference = load_model(cfg.sft).to(device).eval().requires_grad_(False) if needs_reference else None
     policy.train()  # dropout is 0 in both: the log-probs of the policy and the reference are deterministic
-    total = cfg.max_steps or max(1, int(cfg.epochs * len(pairs) / cfg.batch_size))
+    total = cfg.steps or max(1, int(cfg.epochs * len(pairs) / cfg.batch_size))
     optimizer = make_optimizer(policy, cfg.optimizer, cfg.lr, cfg.weight_decay, device)
     ckpt_path = os.path.join(cfg.out, f"{cfg.name}.pt")
     step, _ = resume(ckpt_path, "dpo", cfg, RESUME_FIELDS, policy, optimizer)

@@ -102,8 +102,8 @@ class SPPOConfig:
         check((self.prompts_per_iteration * self.samples_per_prompt) % self.batch_size == 0,
               f"an iteration's {self.prompts_per_iteration} x {self.samples_per_prompt} completions must split into "
               f"batches of --batch-size {self.batch_size}")
-        check(self.eta > 0 and self.lr > 0 and self.warmup_steps >= 0 and self.grad_clip >= 0,
-              "--eta and --lr must be > 0, --warmup-steps and --grad-clip >= 0")
+        check(self.eta > 0, f"--eta must be > 0, got {self.eta}")
+        check(self.lr > 0 and self.warmup_steps >= 0 and self.grad_clip >= 0, "--lr must be > 0, --warmup-steps and --grad-clip >= 0")
         check(self.optimizer in ("rmsprop", "adamw"), f"--optimizer must be rmsprop or adamw, got {self.optimizer!r}")
 
 

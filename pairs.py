@@ -7,10 +7,12 @@ RSO's data (rso_pairs) is made the same way from other samples: those of the opt
 Eq. 4, drawn from many SFT samples by rejection sampling under the learned reward.
 """
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from cli import check
 from data import get_encoding
 from device import gather, local_slice, print0, rank
 from progress import format_seconds
@@ -94,6 +96,19 @@ def acceptance_rate(rewards, beta):
     candidates and prompts, rewards (N, candidates): plain rejection sampling draws 1 / rate
     candidates for each sample of pi*."""
     return float(np.exp((rewards - rewards.max(1, keepdims=True)) / beta).mean())
+
+
+@dataclass
+class RSOConfig:
+    """RSO's sampling: the first `prefixes` training prefixes, `candidates` SFT samples of each, and
+    `accept` of those accepted by rejection sampling."""
+    prefixes: int = field(default=240, metadata={"help": "training prefixes it samples (the first ones)"})
+    candidates: int = field(default=8, metadata={"help": "SFT samples per prefix to accept from (RSO: 64)"})
+    accept: int = field(default=4, metadata={"help": "samples of pi* accepted per prefix, all their pairs kept (RSO: 8)"})
+
+    def validate(self):
+        check(self.prefixes > 0 and 2 <= self.accept <= self.candidates,
+              f"RSO needs --prefixes > 0 and 2 <= --accept <= --candidates, got {self.prefixes}, {self.accept}, {self.candidates}")
 
 
 def rso_pairs(policy, learned_reward, ground_truth, prompts, n_candidates, n_accept, beta, max_new_tokens, batch_size, seed):

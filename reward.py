@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import (append_jsonl, check_same_run, load_checkpoint, load_model, load_state, model_config, resume,
+from checkpoint import (append_jsonl, check_same_run, check_size, load_checkpoint, load_model, load_state, model_config, resume,
                         run_identity, save_checkpoint, training_checkpoint)
 from cli import UserError, check, parse_config, run_main
 from data import get_encoding, load_imdb
@@ -37,8 +37,8 @@ from progress import Progress
 KINDS = ("ngram", "gpt")
 VOCAB = 50257  # GPT-2's token ids
 # the settings that define a classifier: a checkpoint continues (or, finished, stands for) only its own run
-RESUME_FIELDS = {"ngram": ("kind", "max_len", "min_len", "batch_size", "max_steps", "lr", "order", "bits", "nb_scale", "seed"),
-                 "gpt": ("kind", "sft", "max_len", "min_len", "batch_size", "max_steps", "lr", "warmup_steps", "seed")}
+RESUME_FIELDS = {"ngram": ("kind", "max_len", "min_len", "batch_size", "steps", "lr", "order", "bits", "nb_scale", "seed"),
+                 "gpt": ("kind", "sft", "max_len", "min_len", "batch_size", "steps", "lr", "warmup_steps", "seed")}
 DEFAULT_LR = {"ngram": 5e-3, "gpt": 3e-4}
 
 
@@ -174,9 +174,11 @@ def reward_function(path, device, logit=False):
 def classifier_from(ckpt, path):
     if ckpt.get("classifier") == "ngram":
         try:
-            model = NgramClassifier(NgramConfig(**ckpt["model_config"]))
+            config = NgramConfig(**ckpt["model_config"])
         except (TypeError, ValueError) as e:
             raise UserError(f"{path} holds an unusable model_config ({e}); it is damaged or not from this project") from None
+        check_size(path, 2 ** config.bits, ckpt["model"])  # the hashed weight table
+        model = NgramClassifier(config)
     else:  # gpt, bradley_terry: the GPT trunk with a scalar head
         model = GPTClassifier(model_config(ckpt, path))
     load_state(model, ckpt["model"], path)
@@ -195,7 +197,7 @@ class RewardConfig:
     max_len: int = field(default=0, metadata={"help": "longest training crop in tokens (0 = ngram 256, gpt the SFT model's context)"})
     min_len: int = field(default=8, metadata={"help": "shortest training crop (rewards score short texts)"})
     batch_size: int = field(default=64, metadata={"help": "reviews per step"})
-    max_steps: int = field(default=1600, metadata={"help": "optimizer steps"})
+    steps: int = field(default=1600, metadata={"help": "optimizer steps"})
     lr: float = field(default=0.0, metadata={"help": "peak learning rate (0 = ngram 5e-3, gpt 3e-4)"})
     order: int = field(default=4, metadata={"help": "ngram: n-grams of 1..order tokens"})
     bits: int = field(default=24, metadata={"help": "ngram: 2**bits hashed n-gram weights"})
@@ -211,7 +213,7 @@ class RewardConfig:
 
     def validate(self):
         check(self.kind in KINDS, f"--kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        for name in ("min_len", "batch_size", "max_steps", "log_interval", "save_interval"):
+        for name in ("min_len", "batch_size", "steps", "log_interval", "save_interval"):
             check(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         check(self.max_len == 0 or self.min_len <= self.max_len, f"--min-len {self.min_len} must not exceed --max-len {self.max_len}")
         check(self.max_len >= 0 and self.lr >= 0 and self.test_reviews >= 0, "--max-len, --lr and --test-reviews must be >= 0")
@@ -254,8 +256,8 @@ def train_ngram(cfg, imdb):
     lr = cfg.lr or DEFAULT_LR["ngram"]
     table_optimizer = torch.optim.SparseAdam([model.table.weight], lr=lr)  # touches only the n-grams in the batch
     bias_optimizer = torch.optim.Adam([model.bias], lr=lr)
-    progress = Progress(cfg.name, cfg.max_steps, os.path.join(cfg.out, f"{cfg.name}_log.jsonl"), unit="reviews")
-    for step in range(cfg.max_steps):
+    progress = Progress(cfg.name, cfg.steps, os.path.join(cfg.out, f"{cfg.name}_log.jsonl"), unit="reviews")
+    for step in range(cfg.steps):
         indices = batch_indices(step, cfg.batch_size, len(train), cfg.seed)
         labels = torch.tensor(train.labels[indices], dtype=torch.float32)
         logits = model(crops(train, indices, cfg.min_len, max_len, [cfg.seed, step]))
@@ -266,7 +268,7 @@ def train_ngram(cfg, imdb):
         loss.backward()
         table_optimizer.step(), bias_optimizer.step()
         progress.add(cfg.batch_size)
-        if (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.max_steps:
+        if (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.steps:
             progress.line(step + 1, {"loss": loss.item(), "acc": ((logits > 0).float() == labels).float().mean().item()})
     return model
 
@@ -287,13 +289,13 @@ def train_gpt(cfg, imdb, ckpt_path):
     train = imdb["train"]
     step, _ = resume(ckpt_path, "reward", cfg, RESUME_FIELDS["gpt"], model, optimizer)
     train_forward = data_parallel(model, device)  # under torchrun; the model itself otherwise
-    progress = Progress(cfg.name, cfg.max_steps, os.path.join(cfg.out, f"{cfg.name}_log.jsonl"), unit="reviews", start_step=step)
-    while step < cfg.max_steps:
+    progress = Progress(cfg.name, cfg.steps, os.path.join(cfg.out, f"{cfg.name}_log.jsonl"), unit="reviews", start_step=step)
+    while step < cfg.steps:
         indices = batch_indices(step, cfg.batch_size, len(train), cfg.seed)
         texts = local_slice(crops(train, indices, cfg.min_len, max_len, [cfg.seed, step]))
         ids, mask = left_pad(texts, device=device)  # this rank's share of the global batch
         labels = torch.tensor(train.labels[local_slice(indices)], dtype=torch.float32, device=device)
-        lr = warmup_cosine(step, cfg.warmup_steps, cfg.max_steps, peak_lr, peak_lr / 10)
+        lr = warmup_cosine(step, cfg.warmup_steps, cfg.steps, peak_lr, peak_lr / 10)
         with autocast(device):
             logits = train_forward(ids, mask)
             loss = F.binary_cross_entropy_with_logits(logits.float(), labels)  # -log P(label | review)
@@ -302,9 +304,9 @@ def train_gpt(cfg, imdb, ckpt_path):
         metrics = apply_gradients(model, optimizer, {"loss": loss.item(), "acc": batch_acc.item()}, lr, cfg.grad_clip, step)
         step += 1
         progress.add(cfg.batch_size)
-        if step % cfg.log_interval == 0 or step == cfg.max_steps:
+        if step % cfg.log_interval == 0 or step == cfg.steps:
             progress.line(step, {**metrics, "lr": lr})
-        if step % cfg.save_interval == 0 and step < cfg.max_steps:
+        if step % cfg.save_interval == 0 and step < cfg.steps:
             save_checkpoint(ckpt_path, training_checkpoint("reward", model, optimizer, cfg, RESUME_FIELDS["gpt"], step,
                                                            classifier="gpt"))
     return model.eval()
@@ -328,7 +330,7 @@ def train_reward(cfg, imdb):
     full = "full length" if cfg.kind == "ngram" else f"the first {model.gpt.config.block_size} tokens (its context)"
     print0(f"{cfg.name} ({cfg.kind}) test accuracy on {n} test reviews: {accuracy['acc_32']:.3f} at 32 tokens, "
            f"{accuracy['acc_64']:.3f} at 64, {accuracy['acc_full']:.3f} at {full}")
-    append_jsonl(os.path.join(cfg.out, f"{cfg.name}_log.jsonl"), {"step": cfg.max_steps, **accuracy})
+    append_jsonl(os.path.join(cfg.out, f"{cfg.name}_log.jsonl"), {"step": cfg.steps, **accuracy})
     # the frozen classifier: no optimizer state (the n-gram table's would triple its size)
     save_checkpoint(ckpt_path, {"kind": "reward", "classifier": cfg.kind, "model": model.state_dict(),
                                 "model_config": asdict(model.config), "config": asdict(cfg), "run": identity,

@@ -22,7 +22,7 @@ from pretrained import load_gpt2
 from progress import Progress
 
 # a checkpoint continues only the run these settings define
-RESUME_FIELDS = ("init", "n_layer", "n_head", "n_embd", "block_size", "seed", "batch_size", "grad_accum", "max_steps", "lr")
+RESUME_FIELDS = ("init", "n_layer", "n_head", "n_embd", "block_size", "seed", "batch_size", "grad_accum", "steps", "lr")
 
 
 @dataclass
@@ -39,7 +39,7 @@ class SFTConfig:
     dropout: float = field(default=0.0, metadata={"help": "dropout during SFT"})
     batch_size: int = field(default=16, metadata={"help": "sequences per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    max_steps: int = field(default=600, metadata={"help": "optimizer steps"})
+    steps: int = field(default=600, metadata={"help": "optimizer steps"})
     lr: float = field(default=2e-3, metadata={"help": "peak AdamW learning rate"})
     min_lr: float = field(default=2e-4, metadata={"help": "learning rate at the end of the cosine"})
     warmup_steps: int = field(default=50, metadata={"help": "linear warm-up steps"})
@@ -54,7 +54,7 @@ class SFTConfig:
     compile: bool = field(default=True, metadata={"help": "torch.compile the model on CUDA"})
 
     def validate(self):
-        for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "max_steps",
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "steps",
                      "log_interval", "eval_interval", "eval_batches", "save_interval"):
             check(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         check(self.n_embd % self.n_head == 0, f"--n-embd {self.n_embd} must be divisible by --n-head {self.n_head}")
@@ -66,10 +66,10 @@ class SFTConfig:
 
 
 PRESETS = {
-    "smoke": dict(n_layer=2, n_head=2, n_embd=64, block_size=64, batch_size=8, max_steps=30, warmup_steps=5,
+    "smoke": dict(n_layer=2, n_head=2, n_embd=64, block_size=64, batch_size=8, steps=30, warmup_steps=5,
                   log_interval=10, eval_interval=30, eval_batches=2, save_interval=30),
-    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16, max_steps=600, lr=2e-3),
-    "gpu": dict(n_layer=12, n_head=12, n_embd=768, block_size=256, batch_size=64, grad_accum=2, max_steps=1500,
+    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16, steps=600, lr=2e-3),
+    "gpu": dict(n_layer=12, n_head=12, n_embd=768, block_size=256, batch_size=64, grad_accum=2, steps=1500,
                 lr=6e-4, min_lr=6e-5, warmup_steps=100, log_interval=50, eval_interval=500, eval_batches=20,
                 save_interval=500),
 }
@@ -145,7 +145,7 @@ def train_lm(cfg, train_tokens, val_tokens):
         raise UserError(f"--block-size {cfg.block_size} exceeds the model's context of {model.config.block_size}")
     optimizer = adamw(model, cfg.lr, cfg.weight_decay, (0.9, 0.95), device)
     step, _ = resume(ckpt_path, "sft", cfg, RESUME_FIELDS, model, optimizer)
-    if step >= cfg.max_steps:
+    if step >= cfg.steps:
         return ckpt_path
     print0(f"{cfg.name}: {model.num_params() / 1e6:.1f}M parameters, {len(train_tokens):,} training tokens, device {device}")
     model.train()
@@ -154,23 +154,23 @@ def train_lm(cfg, train_tokens, val_tokens):
     peak = peak_flops(device)
     flops_per_token = model.flops_per_token(cfg.block_size)
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
-    progress = Progress(cfg.name, cfg.max_steps, os.path.join(cfg.out, f"{cfg.name}_log.jsonl"), start_step=step)
+    progress = Progress(cfg.name, cfg.steps, os.path.join(cfg.out, f"{cfg.name}_log.jsonl"), start_step=step)
 
-    while step < cfg.max_steps:
+    while step < cfg.steps:
         micro_batches = [local_slice(random_windows(train_tokens, cfg.batch_size, cfg.block_size, seed=[cfg.seed, step, m])).to(device)
                          for m in range(cfg.grad_accum)]  # each rank takes its share of the global batch
-        lr = warmup_cosine(step, cfg.warmup_steps, cfg.max_steps, cfg.lr, cfg.min_lr)
+        lr = warmup_cosine(step, cfg.warmup_steps, cfg.steps, cfg.lr, cfg.min_lr)
         metrics = sft_step(model, optimizer, micro_batches, lr, cfg.grad_clip, step, forward)
         step += 1
         progress.add(tokens_per_step)
-        if step % cfg.log_interval == 0 or step == cfg.max_steps:
+        if step % cfg.log_interval == 0 or step == cfg.steps:
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             shown = {"loss": metrics["loss"], "lr": lr, "grad_norm": metrics["grad_norm"]}
-            if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+            if step % cfg.eval_interval == 0 or step == cfg.steps:
                 shown["val_loss"] = validation_loss(model, val_tokens, cfg, device)
             progress.line(step, shown, peak_flops=peak, flops_per_unit=flops_per_token)
-        if step % cfg.save_interval == 0 or step == cfg.max_steps:
+        if step % cfg.save_interval == 0 or step == cfg.steps:
             save_checkpoint(ckpt_path, training_checkpoint("sft", model, optimizer, cfg, RESUME_FIELDS, step))
     return ckpt_path
 

@@ -1,40 +1,21 @@
 """
-The paper's controlled-sentiment experiment (IMDb, Figure 2 left), end to end. The stages, in order:
-
-  sft       next-token training on IMDb reviews                         -> OUT/sft.pt
-  reward    the reward r(x, y) = P(positive | x + y), an n-gram classifier -> OUT/reward.pt
-  pairs     4 SFT samples per train prefix, all 6 pairs, labelled by r   -> OUT/pairs.jsonl
-            the same from held-out test prefixes                         -> OUT/heldout_pairs.jsonl
-  rm        RLHF's reward model, Bradley-Terry on the pairs (PPO, Best-of-N) -> OUT/rm.pt
-  judge     the second judge, a GPT-trunk classifier; it only evaluates   -> OUT/judge.pt
-  methods   every method of METHODS, evaluated on held-out test prefixes -> OUT/<run>/eval.jsonl
-  report    results.jsonl, frontier.png, summary tables, samples before/after DPO
-
-The methods (each one entry of METHODS in train.py). --methods picks some, or a group: figure2 (the
-default: the paper's Figure 2), dpo-family (DPO beside IPO, KTO, SimPO, ORPO, online DPO, RSO and SPPO; its
-halves are dpo-offline and dpo-online), or all:
-
-  sft_point     the SFT model itself, the KL = 0 point                  -> OUT/sft_point/
-  preferred_ft  SFT continued on the best completion of each prefix      -> OUT/preferred_ft/
-  dpo           DPO for each beta, evaluated every eval_interval steps   -> OUT/dpo_beta<beta>/
-  unlikelihood  the Unlikelihood baseline for each alpha                 -> OUT/unlikelihood_alpha<alpha>/
-  ppo           PPO on the learned reward (rm.pt), for each target KL    -> OUT/ppo_kl<target>/
-  ppo_gt        PPO on the ground-truth reward, for each target KL       -> OUT/ppo_gt_kl<target>/
-  best_of_n     the best of N SFT samples under rm.pt, for each N         -> OUT/best_of_n<N>/
-  ipo, kto, simpo, orpo   the DPO family's losses, with DPO's settings    -> OUT/<method>_<setting>/
-  online_dpo    DPO on pairs sampled from the policy as it trains        -> OUT/online_dpo_beta<beta>/
-  rso           DPO on pairs of samples of pi* (rejection sampling)      -> OUT/rso_beta<beta>/
-  sppo          self-play preference optimization                        -> OUT/sppo_eta<eta>/
-
-OUT/settings.json records, for each stage and each method run, the settings its artifacts were
-made with. A stage or run already done with the current settings is skipped (a killed run continues
-where it stopped); one made with other settings is redone, and so is everything after it. --force
-redoes the ones that run, and --stage NAME runs one stage.
+The paper's controlled-sentiment experiment (IMDb, Figure 2 left), end to end: the stages of STAGES
+in order, then the runs of the methods of METHODS that --methods picks, then the report.
 
     python train.py                   # preset gpu when CUDA is present, else cpu
     python train.py --preset smoke    # seconds; numbers meaningless
     python train.py --stage methods --methods dpo --betas 0.1
     python train.py --methods dpo-family
+
+Settings. TrainConfig holds the settings every stage shares (the model, the prompts, the seed) and
+one section per stage or method file, that file's own config: --dpo-lr is DPOConfig.lr of dpo.py,
+--ppo-epochs PPOConfig.epochs of ppo.py. train.py fills in only each section's "fixed" fields: the
+paths inside OUT, the shared settings, and the value of a sweep (--betas gives DPOConfig.beta).
+
+OUT/settings.json records, for each stage and each method run, the settings its artifacts were made
+with. A stage or run already done with the current settings is skipped (a killed run continues where
+it stopped); one made with other settings is redone, and so is everything after it. --force redoes
+the ones that run, and --stage NAME runs one stage.
 """
 import functools
 import hashlib
@@ -44,7 +25,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, make_dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -52,19 +33,340 @@ import torch
 
 from bradley_terry import BradleyTerryConfig, train_bradley_terry
 from checkpoint import atomic_write, load_model, read_json, read_jsonl, save_json, write_jsonl
-from cli import UserError, check, is_plain_name, parse_config, run_main
+from cli import UserError, check, is_plain_name, parse_config, run_main, section_of
 from data import EOT, get_encoding, load_imdb, make_prefixes
 from device import barrier, check_divisible, hardware_name, is_main, local_slice, print0, rank, setup_device
-from dpo import REFERENCE_FREE, DPOConfig, train_dpo
+from dpo import LOSSES, REFERENCE_FREE, DPOConfig, train_dpo
 from evaluate import Evaluator, plot_frontier, score_completions, shown_kl
 from online import SPPOConfig, online_pairs, train_sppo
-from pairs import best_completions, rso_pairs, sample_and_label
+from pairs import RSOConfig, best_completions, rso_pairs, sample_and_label
 from ppo import PPOConfig, train_ppo
 from reward import RewardConfig, load_classifier, reward_function, train_reward
 from sample import generate
 from sft import SFTConfig, build_model, train_lm
 
 
+# ---------------------------------------------------------------------------- the stages and the methods
+@dataclass
+class Stage:
+    run: Callable  # run(run) -> numbers for stage_times.json
+    artifacts: list  # what it writes under OUT (--force, or changed settings, remove them first); None: not recorded
+    settings: tuple  # the TrainConfig settings (a section: all its own) its artifacts depend on, besides the earlier stages'
+
+
+@dataclass
+class Method:
+    run: Callable  # run(run, folder, **params) -> numbers for stage_times.json; evaluations go to folder/eval.jsonl
+    runs: Callable  # runs(cfg) -> {folder under OUT: params}, one per setting (DPO: one per beta)
+    settings: tuple  # the TrainConfig settings (a section: all its own) its runs depend on, besides the stages'
+
+
+def family_method(loss_type, loss):
+    """A loss of dpo.LOSSES (IPO, ...) as a method: one run on DPO's pairs with DPO's settings and the
+    loss's own, named by their values (simpo_beta2_gamma0.5)."""
+    def runs(cfg):
+        params = {name: getattr(cfg.family, f"{loss_type}_{name}") for name in loss.settings}
+        return {loss_type + "".join(f"_{name}{value:g}" for name, value in params.items()): params}
+    return Method(lambda run, folder, **params: run_preference_loss(run, folder, loss.method, loss_type, loss_type, **params),
+                  runs, ("dpo",))
+
+
+STAGES = {
+    "sft": Stage(lambda run: run_sft(run), ["sft.pt", "sft_log.jsonl"],  # next-token training on IMDb reviews
+                 ("seed", "init", "n_layer", "n_head", "n_embd", "block_size", "sft")),
+    "reward": Stage(lambda run: run_classifier(run, "reward", reward_config(run.cfg)),  # r(x, y), an n-gram classifier
+                    ["reward.pt", "reward_log.jsonl"], ("reward",)),
+    "pairs": Stage(lambda run: run_pairs(run), ["pairs.jsonl", "heldout_pairs.jsonl"],  # 4 SFT samples a prefix, 6 pairs
+                   ("n_prefixes", "heldout_prefixes", "completions_per_prefix", "max_new_tokens", "sample_batch_size")),
+    "rm": Stage(lambda run: run_rm(run), ["rm.pt", "rm_log.jsonl"], ("rm",)),  # RLHF's Bradley-Terry reward model
+    # after pairs: the judge only evaluates, so a change to it redoes the evaluations, not the pairs
+    "judge": Stage(lambda run: run_classifier(run, "judge", judge_config(run.cfg)),  # the second judge, a GPT trunk
+                   ["judge.pt", "judge_log.jsonl"], ("judge",)),
+    "methods": Stage(lambda run: run_methods(run), None, ("eval_prefixes",)),  # each run of each method recorded on its own
+    "report": Stage(lambda run: run_report(run), None, ()),  # cheap, so always redone, its files replaced whole
+}
+
+FAMILY = {loss_type: loss for loss_type, loss in LOSSES.items() if loss.method}  # ipo, kto, simpo, orpo
+METHODS = {  # each run writes OUT/<folder>/ with its eval.jsonl; the folders are named by the runs' settings
+    "sft_point": Method(lambda run, folder: run_sft_point(run, folder), lambda cfg: {"sft_point": {}}, ()),
+    "preferred_ft": Method(lambda run, folder: run_preferred_ft(run, folder),
+                           lambda cfg: {"preferred_ft": {}} if cfg.pft.steps else {}, ("pft",)),
+    "dpo": Method(lambda run, folder, beta: run_preference_loss(run, folder, "DPO", "sigmoid", "dpo", beta=beta),
+                  lambda cfg: {f"dpo_beta{b:g}": {"beta": b} for b in cfg.number_list("betas")}, ("dpo",)),
+    "unlikelihood": Method(lambda run, folder, alpha: run_preference_loss(run, folder, "Unlikelihood", "unlikelihood",
+                                                                          "unlikelihood", alpha=alpha),
+                           lambda cfg: {f"unlikelihood_alpha{a:g}": {"alpha": a} for a in cfg.number_list("ul_alphas")},
+                           ("dpo",)),
+    "ppo": Method(lambda run, folder, target_kl: run_ppo(run, folder, target_kl, "rm.pt"),
+                  lambda cfg: {f"ppo_kl{t:g}": {"target_kl": t} for t in cfg.number_list("ppo_target_kls")}, ("ppo",)),
+    "ppo_gt": Method(lambda run, folder, target_kl: run_ppo(run, folder, target_kl, "reward.pt"),
+                     lambda cfg: {f"ppo_gt_kl{t:g}": {"target_kl": t} for t in cfg.number_list("ppo_target_kls")}, ("ppo",)),
+    "best_of_n": Method(lambda run, folder, n: run_best_of_n(run, folder, n),
+                        lambda cfg: {f"best_of_n{n:g}": {"n": int(n)} for n in cfg.number_list("bon_ns")}, ()),
+    # the DPO family of the seeds' variants table on the same pairs with DPO's settings: one per loss of dpo.LOSSES
+    # with a method name (ipo, kto, simpo, orpo), its settings flags of train.py (--simpo-gamma)
+    **{loss_type: family_method(loss_type, loss) for loss_type, loss in FAMILY.items()},
+    # the family's methods that make their own samples
+    "online_dpo": Method(lambda run, folder, beta: run_online_dpo(run, folder, beta),
+                         lambda cfg: {f"online_dpo_beta{b:g}": {"beta": b} for b in cfg.number_list("betas")},
+                         ("dpo", "online_reward")),
+    "rso": Method(lambda run, folder, beta: run_rso(run, folder, beta),
+                  lambda cfg: {f"rso_beta{b:g}": {"beta": b} for b in cfg.number_list("betas")}, ("dpo", "rso")),
+    "sppo": Method(lambda run, folder: run_sppo(run, folder), lambda cfg: {f"sppo_eta{cfg.sppo.eta:g}": {}},
+                   ("sppo", "online_reward")),
+}
+# --methods may name a group: the paper's Figure 2 (the default), or the DPO family
+METHOD_GROUPS = {"figure2": ("sft_point", "preferred_ft", "dpo", "unlikelihood", "ppo", "ppo_gt", "best_of_n"),
+                 "dpo-offline": ("sft_point", "dpo", *FAMILY),
+                 "dpo-online": ("sft_point", "dpo", "online_dpo", "rso", "sppo"),
+                 "dpo-family": ("sft_point", "dpo", *FAMILY, "online_dpo", "rso", "sppo")}
+# TrainConfig settings no artifact depends on: where and how the run goes, not what it computes (the
+# sweeps and the family's settings, too: each value is a run of its own, recorded with its value)
+NOT_RECORDED = ("out", "stage", "methods", "force", "data", "data_verify", "device", "compile", "betas", "ul_alphas",
+                "ppo_target_kls", "bon_ns", "family")
+ONLINE_REWARDS = {"ground_truth": "reward.pt", "learned": "rm.pt"}  # --online-reward: the labeller of new samples
+
+
+# ---------------------------------------------------------------------------- the experiment's settings
+MODEL = ("init", "n_layer", "n_head", "n_embd", "block_size")  # the model's settings, shared by every stage
+WHERE = ("out", "name", "seed", "device")  # every section's fixed fields: train.py fills them in
+
+
+def section(config, fixed=(), help=""):
+    """A TrainConfig field that is a stage's or method's own config, the cpu preset's values given
+    here; `fixed` names its fields that train.py fills in (not flags, not recorded)."""
+    own = {f.name for f in fields(config)}
+    return field(default_factory=lambda: replace(config), metadata={"help": help, "fixed": tuple(f for f in WHERE + fixed if f in own)})
+
+
+# the settings of each loss of dpo.LOSSES run as a method (ipo, kto, simpo, orpo), a flag each: --simpo-gamma
+FamilyConfig = make_dataclass("FamilyConfig", [
+    (f"{loss_type}_{name}", float, field(default=value, metadata={"help": f"{loss.method}: {name} (dpo.py --{name})"}))
+    for loss_type, loss in LOSSES.items() for name, value in loss.settings.items()])
+
+
+@dataclass
+class TrainConfig:
+    out: str = field(default="out", metadata={"help": "run folder for every artifact"})
+    stage: str = field(default="all", metadata={"help": "all | " + " | ".join(STAGES)})
+    methods: str = field(default="figure2", metadata={"help": "figure2 (the paper's Figure 2), dpo-family (or its halves dpo-offline, dpo-online), all, or a comma-separated list of "
+                                                                + ", ".join(METHODS)})
+    force: bool = field(default=False, metadata={"help": "redo the stages that run, even if their artifacts exist"})
+    data: str = field(default=None, metadata={"help": "IMDb archive or aclImdb/ folder (else $IMDB_ARCHIVE, data/, download)"})
+    data_verify: bool = field(default=True, metadata={"help": "require the full 25k/25k/50k archive"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    compile: bool = field(default=True, metadata={"help": "torch.compile SFT on CUDA"})
+    seed: int = field(default=0, metadata={"help": "random seed for every stage"})
+    # the model
+    init: str = field(default="scratch", metadata={"help": "scratch | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a save_pretrained folder | a .safetensors path"})
+    n_layer: int = field(default=4, metadata={"help": "transformer blocks (scratch)"})
+    n_head: int = field(default=4, metadata={"help": "attention heads (scratch)"})
+    n_embd: int = field(default=128, metadata={"help": "model width (scratch)"})
+    block_size: int = field(default=64, metadata={"help": "SFT sequence length (also bounds prompt + completion)"})
+    # the prompts and their samples: the preference pairs, every method's samples, the evaluation
+    n_prefixes: int = field(default=1200, metadata={"help": "train prefixes (paper: 25,000)"})
+    heldout_prefixes: int = field(default=50, metadata={"help": "test prefixes for the held-out pairs that measure DPO's implicit reward"})
+    completions_per_prefix: int = field(default=4, metadata={"help": "samples per prefix (paper: 4 -> 6 pairs)"})
+    max_new_tokens: int = field(default=24, metadata={"help": "tokens per sampled completion"})
+    sample_batch_size: int = field(default=256, metadata={"help": "prompts per sampling batch"})
+    eval_prefixes: int = field(default=96, metadata={"help": "held-out test prefixes per evaluation"})
+    # the sweeps and the DPO family's settings: each value is a run of its own
+    betas: str = field(default="0.1", metadata={"help": "DPO, online DPO, RSO: comma-separated betas (paper: 0.05,0.1,1,5)"})
+    ul_alphas: str = field(default="0.5", metadata={"help": "Unlikelihood: comma-separated alphas, each trained with DPO's settings (paper: 0.05,0.1,0.5,1)"})
+    ppo_target_kls: str = field(default="6", metadata={"help": "PPO and PPO-GT: comma-separated target KLs (paper: 3,6,9,12)"})
+    bon_ns: str = field(default="1,4,8", metadata={"help": "Best-of-N: comma-separated N (GPU preset: 1,4,16,64)"})
+    family: FamilyConfig = field(default_factory=FamilyConfig, metadata={
+        "flat": True, "help": "the DPO family's settings, from dpo.LOSSES: each loss one run with these values"})
+    online_reward: str = field(default="ground_truth", metadata={"help": "online DPO, SPPO: the labeller of their samples, ground_truth (reward.pt) | learned (rm.pt)"})
+    # each stage's and method's own settings: its file's config (the cpu preset's values)
+    sft: SFTConfig = section(SFTConfig(steps=350, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=17, log_interval=17,
+                                       eval_interval=87, save_interval=87), fixed=MODEL + ("data", "data_verify", "compile"),
+                             help="SFT on IMDb reviews (sft.py)")
+    reward: RewardConfig = section(RewardConfig(kind="ngram", steps=1600, lr=5e-3, log_interval=160),
+                                   fixed=("kind", "sft", "data", "data_verify", "warmup_steps", "weight_decay",
+                                          "grad_clip", "save_interval"),  # the last four: the gpt kind's only
+                                   help="the ground-truth reward r(x, y), an n-gram classifier (reward.py)")
+    judge: RewardConfig = section(RewardConfig(kind="gpt", max_len=64, batch_size=32, steps=240, lr=3e-4, warmup_steps=24,
+                                               test_reviews=2000, log_interval=24, save_interval=60),
+                                  fixed=("kind", "sft", "data", "data_verify", "order", "bits", "nb_scale"),  # ngram's only
+                                  help="the second judge, a GPT-trunk classifier (reward.py)")
+    rm: BradleyTerryConfig = section(BradleyTerryConfig(epochs=1.0, batch_size=32, lr=1e-4), fixed=("sft", "pairs", "heldout"),
+                                     help="RLHF's Bradley-Terry reward model on the pairs (bradley_terry.py)")
+    pft: SFTConfig = section(SFTConfig(steps=20, batch_size=16, lr=1e-4, min_lr=1e-4, warmup_steps=1, log_interval=4,
+                                       eval_interval=20, eval_batches=2, save_interval=20, compile=False),
+                             fixed=MODEL + ("data", "data_verify"),
+                             help="Preferred-FT, SFT on the best completion of each prefix (sft.py; --pft-steps 0 skips it)")
+    dpo: DPOConfig = section(DPOConfig(batch_size=16, micro_batch_size=16, optimizer="rmsprop", lr=3e-4, warmup_steps=10,
+                                       steps=80, append_eot=False, log_interval=8, eval_interval=40, save_interval=40),
+                             fixed=("sft", "pairs", "beta", "loss_type", "alpha", "gamma", "lam", "skip_bad_lines"),
+                             help="DPO (dpo.py), and Unlikelihood, IPO, KTO, SimPO, ORPO, online DPO and RSO trained with it")
+    ppo: PPOConfig = section(PPOConfig(steps=20, batch_size=48, minibatch_size=16, epochs=2, lr=3e-4, critic_lr=3e-3,
+                                       init_kl_coef=0.05, norm_samples=48, eval_interval=10, save_interval=10),
+                             fixed=("sft", "reward", "data", "data_verify", "n_prefixes", "max_new_tokens", "target_kl"),
+                             help="PPO and PPO-GT (ppo.py)")
+    rso: RSOConfig = section(RSOConfig(), help="RSO's rejection sampling (pairs.py)")
+    sppo: SPPOConfig = section(SPPOConfig(iterations=4, prompts_per_iteration=160, samples_per_prompt=4, batch_size=32,
+                                          optimizer="rmsprop", lr=3e-4, warmup_steps=10, log_interval=8, eval_interval=2),
+                               fixed=("sft", "reward", "max_new_tokens"), help="SPPO (online.py)")
+
+    def validate(self):
+        check(self.stage == "all" or self.stage in STAGES, f"--stage must be all or one of {', '.join(STAGES)}, got {self.stage!r}")
+        unknown = [m for m in self.method_list() if m not in METHODS]
+        check(self.method_list() and not unknown,
+              f"--methods must be figure2, dpo-family, dpo-offline, dpo-online, all or a comma-separated list of {', '.join(METHODS)}, got {self.methods!r}")
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "n_prefixes", "heldout_prefixes", "max_new_tokens",
+                     "sample_batch_size", "eval_prefixes"):
+            check(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        check(self.completions_per_prefix >= 2, f"--completions-per-prefix must be at least 2, got {self.completions_per_prefix}")
+        check(self.init != "scratch" or self.judge.max_len <= self.block_size,
+              f"--judge-max-len {self.judge.max_len} exceeds the model's context --block-size {self.block_size}")
+        check(8 + self.max_new_tokens <= self.block_size,
+              f"an 8-token prefix plus --max-new-tokens {self.max_new_tokens} exceeds --block-size {self.block_size}")
+        shortest_pft_text = self.n_prefixes * (2 + self.max_new_tokens + 1)  # best completions: prefix + sample + EOT
+        check(self.pft.steps >= 0, f"--pft-steps must be >= 0, got {self.pft.steps}")
+        check(self.pft.steps == 0 or shortest_pft_text > self.block_size + 1,
+              f"Preferred-FT trains on windows of --block-size + 1 = {self.block_size + 1} tokens, but --n-prefixes "
+              f"{self.n_prefixes} best completions may hold only {shortest_pft_text}; raise --n-prefixes or pass --pft-steps 0")
+        for name in ("betas", "ul_alphas", "ppo_target_kls", "bon_ns"):
+            flag = f"--{name.replace('_', '-')}"
+            try:
+                values = self.number_list(name)
+            except ValueError:
+                raise ValueError(f"{flag} must be comma-separated numbers, got {getattr(self, name)!r}") from None
+            check(values and all(math.isfinite(v) and v > 0 for v in values), f"every value of {flag} must be finite and > 0, got {getattr(self, name)!r}")
+            check(len({f"{v:g}" for v in values}) == len(values), f"{flag} names the same value twice: {getattr(self, name)!r}")
+        check(all(n == int(n) for n in self.number_list("bon_ns")), f"--bon-ns must be whole numbers, got {self.bon_ns!r}")
+        check(self.online_reward in ONLINE_REWARDS, f"--online-reward must be ground_truth or learned, got {self.online_reward!r}")
+        check(self.rso.prefixes <= self.n_prefixes, f"RSO needs 0 < --rso-prefixes <= --n-prefixes, got {self.rso.prefixes}")
+        check("kto" not in self.method_list() or self.dpo.micro_batch_size >= 2,
+              f"KTO's KL estimate pairs each prompt with another pair's responses: --dpo-micro-batch-size must be at "
+              f"least 2, got {self.dpo.micro_batch_size}")
+        # each section's own checks, as train.py will run it: a bad setting stops the run before anything is written
+        for name, config in [("sft", sft_config(self)), ("reward", reward_config(self)), ("rm", rm_config(self)),
+                             ("judge", judge_config(self)), *(("dpo", dpo_config(self, "", b)) for b in self.number_list("betas")),
+                             *((loss_type, loss_config(self, "", loss_type, loss_type, **params))
+                               for loss_type in FAMILY for params in METHODS[loss_type].runs(self).values()),
+                             *(("ppo", ppo_config(self, "", t, "rm.pt")) for t in self.number_list("ppo_target_kls")),
+                             ("rso", self.rso), ("sppo", sppo_config(self, "")),
+                             *([("pft", pft_config(self, ""))] if self.pft.steps else [])]:
+            try:
+                config.validate()
+            except ValueError as e:
+                raise ValueError(train_flags(str(e), name)) from None
+
+    def number_list(self, name):
+        """A comma-separated sweep setting (betas, ul_alphas, ppo_target_kls, bon_ns) as floats."""
+        return [float(v) for v in getattr(self, name).split(",") if v.strip()]
+
+    def method_list(self):
+        """The methods --methods names, a group (or all) expanded to its methods, each once."""
+        names = [m.strip() for m in self.methods.split(",") if m.strip()]
+        return list(dict.fromkeys(m for name in names for m in (METHODS if name == "all" else METHOD_GROUPS.get(name, [name]))))
+
+
+PRESETS = {  # by flag: sft_steps is --sft-steps, TrainConfig.sft.steps
+    "smoke": dict(n_layer=2, n_head=2, n_embd=64, block_size=48, n_prefixes=16, heldout_prefixes=8, max_new_tokens=12,
+                  eval_prefixes=8, betas="0.1,1", bon_ns="1,2",
+                  sft_steps=20, sft_batch_size=8, sft_warmup_steps=1, sft_log_interval=1, sft_eval_interval=5,
+                  sft_save_interval=5, reward_steps=20, reward_bits=16, reward_test_reviews=32, reward_log_interval=2,
+                  judge_steps=20, judge_batch_size=16, judge_max_len=48, judge_test_reviews=32, judge_warmup_steps=2,
+                  judge_log_interval=2, judge_save_interval=5, rm_epochs=1, rm_batch_size=8,
+                  pft_steps=4, pft_batch_size=8, pft_log_interval=1, pft_eval_interval=4, pft_save_interval=4,
+                  dpo_steps=6, dpo_batch_size=8, dpo_micro_batch_size=4, dpo_lr=1e-4, dpo_warmup_steps=2,
+                  dpo_log_interval=1, dpo_eval_interval=3, dpo_save_interval=3,
+                  ppo_steps=2, ppo_batch_size=8, ppo_minibatch_size=4, ppo_norm_samples=8, ppo_eval_interval=2,
+                  ppo_save_interval=2, rso_prefixes=8, rso_candidates=4, rso_accept=2,
+                  sppo_iterations=2, sppo_prompts_per_iteration=8, sppo_samples_per_prompt=2, sppo_batch_size=16,
+                  sppo_lr=1e-4, sppo_warmup_steps=2, sppo_log_interval=1, sppo_eval_interval=3),
+    "cpu": dict(),  # the defaults above: 18.1 minutes (figure2) on the 2-core box of the README's CPU results
+    "gpu": dict(n_layer=12, n_head=12, n_embd=768, block_size=256, n_prefixes=25_000, heldout_prefixes=1000,
+                max_new_tokens=48, sample_batch_size=1024, eval_prefixes=512,
+                betas="0.05,0.1,1,5", ul_alphas="0.05,0.1,0.5,1", bon_ns="1,4,16,64", ppo_target_kls="3,6,9,12",
+                sft_steps=1500, sft_batch_size=64, sft_grad_accum=2, sft_lr=6e-4, sft_min_lr=6e-5, sft_warmup_steps=75,
+                sft_log_interval=75, sft_eval_interval=375, sft_save_interval=375,
+                judge_steps=800, judge_batch_size=64, judge_lr=1e-4, judge_max_len=256, judge_test_reviews=0,
+                judge_warmup_steps=80, judge_log_interval=80, judge_save_interval=200,
+                rm_epochs=1, rm_batch_size=64, rm_lr=1e-5,
+                pft_steps=300, pft_batch_size=64, pft_lr=1e-5, pft_min_lr=1e-5, pft_log_interval=60, pft_eval_interval=300,
+                pft_save_interval=300,
+                dpo_steps=600, dpo_batch_size=64, dpo_micro_batch_size=64, dpo_lr=1e-6, dpo_warmup_steps=150,
+                dpo_log_interval=20, dpo_eval_interval=100, dpo_save_interval=100,
+                ppo_steps=100, ppo_batch_size=512, ppo_minibatch_size=64, ppo_lr=1e-5, ppo_critic_lr=1e-4,
+                ppo_norm_samples=512, ppo_eval_interval=20, ppo_save_interval=20, rso_prefixes=8000, rso_candidates=16,
+                sppo_iterations=3, sppo_prompts_per_iteration=6400, sppo_batch_size=128, sppo_lr=1e-6,
+                sppo_warmup_steps=150, sppo_log_interval=20, sppo_eval_interval=1),
+}
+
+
+# ---------------------------------------------------------------------------- each section as it runs
+# A section with its fixed fields filled in: the paths inside OUT, the model, the seed and the device.
+def where(cfg, out, name):
+    return dict(out=out, name=name, seed=cfg.seed, device=cfg.device)
+
+
+def sft_config(cfg):
+    return replace(cfg.sft, **where(cfg, cfg.out, "sft"), **{k: getattr(cfg, k) for k in MODEL}, data=cfg.data,
+                   compile=cfg.compile)
+
+
+def pft_config(cfg, folder):
+    return replace(cfg.pft, **where(cfg, folder, "preferred_ft"), init=os.path.join(cfg.out, "sft.pt"),
+                   block_size=cfg.block_size)
+
+
+def reward_config(cfg):
+    return replace(cfg.reward, **where(cfg, cfg.out, "reward"), kind="ngram", data=cfg.data)
+
+
+def judge_config(cfg):
+    return replace(cfg.judge, **where(cfg, cfg.out, "judge"), kind="gpt", sft=os.path.join(cfg.out, "sft.pt"), data=cfg.data)
+
+
+def rm_config(cfg):
+    return replace(cfg.rm, **where(cfg, cfg.out, "rm"), sft=os.path.join(cfg.out, "sft.pt"),
+                   pairs=os.path.join(cfg.out, "pairs.jsonl"), heldout=os.path.join(cfg.out, "heldout_pairs.jsonl"))
+
+
+def dpo_config(cfg, folder, beta, pairs=None, name="dpo"):
+    return replace(cfg.dpo, **where(cfg, folder, name), sft=os.path.join(cfg.out, "sft.pt"),
+                   pairs=pairs or os.path.join(cfg.out, "pairs.jsonl"), beta=beta)
+
+
+def loss_config(cfg, folder, loss_type, name, pairs=None, online=False, **loss_settings):
+    """The dpo section with another loss of dpo.LOSSES and its settings (beta 1 for a loss without one).
+    The reference is live for KTO (its mismatched rows) and online DPO (its new samples)."""
+    return replace(dpo_config(cfg, folder, loss_settings.get("beta", 1.0), pairs, name), loss_type=loss_type,
+                   precompute_ref=cfg.dpo.precompute_ref and loss_type != "kto" and not online, **loss_settings)
+
+
+def ppo_config(cfg, folder, target_kl, reward):
+    return replace(cfg.ppo, **where(cfg, folder, "ppo"), sft=os.path.join(cfg.out, "sft.pt"),
+                   reward=os.path.join(cfg.out, reward), max_new_tokens=cfg.max_new_tokens, target_kl=target_kl)
+
+
+def sppo_config(cfg, folder):
+    return replace(cfg.sppo, **where(cfg, folder, "sppo"), sft=os.path.join(cfg.out, "sft.pt"),
+                   reward=os.path.join(cfg.out, ONLINE_REWARDS[cfg.online_reward]),
+                   max_new_tokens=cfg.max_new_tokens)
+
+
+def train_flags(message, section_name):
+    """A section's error message with its flags (--epochs) renamed to train.py's (--ppo-epochs)."""
+    names = {f.name for f in fields(TrainConfig)} | {s.name if f.metadata.get("flat") else f"{f.name}_{s.name}"
+                                                     for f in fields(TrainConfig) if section_of(f) for s in fields(section_of(f))
+                                                     if s.name not in f.metadata.get("fixed", ())}  # the flags train.py has
+    sweeps = {"beta": "betas", "alpha": "ul_alphas", "target_kl": "ppo_target_kls"}  # fields a sweep gives
+
+    def rename(match):
+        name = match.group(1).replace("-", "_")
+        for candidate in (f"{section_name}_{name}", name, sweeps.get(name)):
+            if candidate in names:
+                return "--" + candidate.replace("_", "-")
+        return match.group(0)
+    return re.sub(r"--([a-z][a-z-]*[a-z])", rename, message)
+
+
+# ---------------------------------------------------------------------------- the run
 class Run:
     """What every stage and method is handed: the config, the tokenized data, the device, and the
     evaluator, built on first use (it needs the models of the sft and reward stages)."""
@@ -80,7 +382,7 @@ class Run:
                                 if tuple(p) not in train]
         if not self.heldout_prompts:
             raise UserError(f"all {cfg.heldout_prefixes} held-out test prefixes equal training prefixes; raise --heldout-prefixes")
-        for flag, n in (("--reward-test-reviews", cfg.reward_test_reviews), ("--judge-test-reviews", cfg.judge_test_reviews)):
+        for flag, n in (("--reward-test-reviews", cfg.reward.test_reviews), ("--judge-test-reviews", cfg.judge.test_reviews)):
             if n > len(imdb["test"]):
                 raise UserError(f"{flag} {n} exceeds the {len(imdb['test'])} test reviews")
         self.records = read_records(self.path("settings.json"))
@@ -122,33 +424,10 @@ class Run:
 
 
 # ---------------------------------------------------------------------------- stages
-def sft_config(cfg):
-    return SFTConfig(out=cfg.out, name="sft", data=cfg.data, init=cfg.init, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                     n_embd=cfg.n_embd, block_size=cfg.block_size, batch_size=cfg.sft_batch_size,
-                     grad_accum=cfg.sft_grad_accum, max_steps=cfg.sft_steps, lr=cfg.sft_lr, min_lr=cfg.sft_min_lr,
-                     warmup_steps=max(1, cfg.sft_steps // 20), log_interval=max(1, cfg.sft_steps // 20),
-                     eval_interval=max(1, cfg.sft_steps // 4), save_interval=max(1, cfg.sft_steps // 4),
-                     seed=cfg.seed, device=cfg.device, compile=cfg.compile)
-
-
 def run_sft(run):
     train_tokens = np.concatenate([run.imdb["train"].tokens, run.imdb["unsup"].tokens])  # test is held out
     train_lm(sft_config(run.cfg), train_tokens, run.imdb["test"].tokens)
     return throughput([run.path("sft_log.jsonl")], "tok_per_s", "sft_")
-
-
-def reward_config(cfg):
-    return RewardConfig(kind="ngram", name="reward", out=cfg.out, data=cfg.data, max_steps=cfg.reward_steps,
-                        lr=cfg.reward_lr, order=cfg.reward_order, bits=cfg.reward_bits, test_reviews=cfg.reward_test_reviews,
-                        log_interval=max(1, cfg.reward_steps // 10), seed=cfg.seed, device=cfg.device)
-
-
-def judge_config(cfg):
-    return RewardConfig(kind="gpt", name="judge", sft=os.path.join(cfg.out, "sft.pt"), out=cfg.out, data=cfg.data,
-                        max_len=cfg.judge_max_len, batch_size=cfg.judge_batch_size, max_steps=cfg.judge_steps,
-                        lr=cfg.judge_lr, warmup_steps=max(1, cfg.judge_steps // 10), test_reviews=cfg.judge_test_reviews,
-                        log_interval=max(1, cfg.judge_steps // 10), save_interval=max(1, cfg.judge_steps // 4),
-                        seed=cfg.seed, device=cfg.device)
 
 
 def run_classifier(run, name, config):
@@ -174,12 +453,6 @@ def run_pairs(run):
         result[name] = {"pairs": len(pairs), "prefixes": len(prompts), "mean_reward_gap": gap,
                         "sft_sample_reward": mean_reward, "sampling_tokens_per_s": tokens_per_s}
     return result
-
-
-def rm_config(cfg):
-    return BradleyTerryConfig(sft=os.path.join(cfg.out, "sft.pt"), pairs=os.path.join(cfg.out, "pairs.jsonl"),
-                              heldout=os.path.join(cfg.out, "heldout_pairs.jsonl"), out=cfg.out, name="rm",
-                              epochs=cfg.rm_epochs, batch_size=cfg.rm_batch_size, lr=cfg.rm_lr, seed=cfg.seed, device=cfg.device)
 
 
 def run_rm(run):
@@ -213,39 +486,26 @@ def run_sft_point(run, folder):
 
 def run_preferred_ft(run, folder):
     """Preferred-FT: SFT continued on the best-rewarded completion of each training prefix."""
-    cfg = run.cfg
     sequences = best_completions(read_jsonl(run.path("pairs.jsonl")))
     stream = np.array([t for sequence in sequences for t in sequence + [EOT]], dtype=np.uint16)
-    pft_path = train_lm(pft_config(cfg, folder), stream, stream)
-    run.evaluator(load_model(pft_path).to(run.device), "Preferred-FT", "", cfg.pft_steps, os.path.join(folder, "eval.jsonl"))
+    pft_path = train_lm(pft_config(run.cfg, folder), stream, stream)
+    run.evaluator(load_model(pft_path).to(run.device), "Preferred-FT", "", run.cfg.pft.steps, os.path.join(folder, "eval.jsonl"))
     return throughput([os.path.join(folder, "preferred_ft_log.jsonl")], "tok_per_s", "preferred_ft_")
-
-
-def pft_config(cfg, folder):
-    return SFTConfig(out=folder, name="preferred_ft", init=os.path.join(cfg.out, "sft.pt"), block_size=cfg.block_size,
-                     batch_size=cfg.sft_batch_size, max_steps=cfg.pft_steps, lr=cfg.pft_lr, min_lr=cfg.pft_lr,
-                     warmup_steps=1, log_interval=max(1, cfg.pft_steps // 5), eval_interval=cfg.pft_steps,
-                     eval_batches=2, save_interval=cfg.pft_steps, seed=cfg.seed, device=cfg.device, compile=False)
 
 
 def run_preference_loss(run, folder, method, loss_type, name, pairs=None, sample_pairs=None, **loss_settings):
     """A loss of dpo.py on the offline pairs: DPO itself, its family (IPO, KTO, SimPO, ORPO) or the
-    Unlikelihood baseline, each trained exactly as DPO is (dpo.py's trainer, DPO's steps, batch,
-    optimizer and lr) and evaluated every eval_interval steps. The losses with a reference also
-    report the implicit reward's accuracy, beta log(pi / pi_ref) (Eq. 5). pairs: another pair file
-    (RSO's); sample_pairs: pairs sampled as it trains instead (online DPO)."""
+    Unlikelihood baseline, each trained exactly as DPO is (the dpo section: dpo.py's trainer, DPO's
+    steps, batch, optimizer and lr) and evaluated every --dpo-eval-interval steps. The losses with a
+    reference also report the implicit reward's accuracy, beta log(pi / pi_ref) (Eq. 5). pairs: another
+    pair file (RSO's); sample_pairs: pairs sampled as it trains instead (online DPO)."""
     log = os.path.join(folder, "eval.jsonl")
-    config = replace(dpo_config(run.cfg, folder, loss_settings.get("beta", 1.0), pairs), name=name, loss_type=loss_type,
-                     precompute_ref=run.cfg.precompute_ref and loss_type != "kto" and sample_pairs is None,  # live pi_ref:
-                     **loss_settings)  # KTO's mismatched rows, online DPO's new samples
+    config = loss_config(run.cfg, folder, loss_type, name, pairs, online=sample_pairs is not None, **loss_settings)
     setting = ", ".join(f"{k}={v:g}" for k, v in loss_settings.items())
     implicit_beta = None if loss_type in REFERENCE_FREE else config.beta
     train_dpo(config, sample_pairs=sample_pairs,
               evaluate=lambda step, policy: run.evaluator(policy, method, setting, step, log, implicit_beta=implicit_beta))
     return throughput([os.path.join(folder, f"{name}_log.jsonl")], "pairs_per_s", f"{name}_")
-
-
-ONLINE_REWARDS = {"ground_truth": "reward.pt", "learned": "rm.pt"}  # --online-reward: the labeller of new samples
 
 
 def online_method(cfg, name):
@@ -258,7 +518,7 @@ def run_online_dpo(run, folder, beta):
     itself and labelled by --online-reward (the ground truth by default)."""
     cfg = run.cfg
     reward_fn = reward_function(run.path(ONLINE_REWARDS[cfg.online_reward]), run.device)
-    sampler = functools.partial(online_pairs, prompts=run.train_prompts, reward_fn=reward_fn, batch_size=cfg.dpo_batch_size,
+    sampler = functools.partial(online_pairs, prompts=run.train_prompts, reward_fn=reward_fn, batch_size=cfg.dpo.batch_size,
                                 max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     return run_preference_loss(run, folder, online_method(cfg, "Online DPO"), "sigmoid", "online_dpo",
                                sample_pairs=sampler, beta=beta)
@@ -266,16 +526,16 @@ def run_online_dpo(run, folder, beta):
 
 def run_rso(run, folder, beta):
     """RSO: DPO at beta on pairs of samples of pi* = pi_ref exp(r / beta) / Z (Eq. 4) instead of the
-    SFT model's: rso_candidates SFT samples of each of rso_prefixes training prefixes, rso_accept of
-    them accepted by rejection sampling under the learned reward (rm.pt), and every pair of those,
+    SFT model's: --rso-candidates SFT samples of each of --rso-prefixes training prefixes, --rso-accept
+    of them accepted by rejection sampling under the learned reward (rm.pt), and every pair of those,
     labelled by the ground truth (pairs.rso_pairs)."""
     cfg = run.cfg
     sampling, rso_pairs_path = os.path.join(folder, "rso_sampling.json"), os.path.join(folder, "rso_pairs.jsonl")
     # the sampling record is written after the pairs: a run killed while sampling, or one whose pairs were deleted, samples again
     if not (os.path.exists(sampling) and os.path.exists(rso_pairs_path)):
         policy = load_model(run.path("sft.pt")).to(run.device).eval()
-        pairs, rate = rso_pairs(policy, run.learned_reward, run.evaluator.reward_model, run.train_prompts[:cfg.rso_prefixes],
-                                cfg.rso_candidates, cfg.rso_accept, beta, cfg.max_new_tokens, cfg.sample_batch_size, cfg.seed)
+        pairs, rate = rso_pairs(policy, run.learned_reward, run.evaluator.reward_model, run.train_prompts[:cfg.rso.prefixes],
+                                cfg.rso.candidates, cfg.rso.accept, beta, cfg.max_new_tokens, cfg.sample_batch_size, cfg.seed)
         write_jsonl(rso_pairs_path, pairs)
         save_json(sampling, {"acceptance_rate": rate, "pairs": len(pairs)})
     accepted = read_json(sampling)
@@ -285,35 +545,15 @@ def run_rso(run, folder, beta):
     return {**result, "rso_acceptance_rate": accepted["acceptance_rate"], "rso_pairs": accepted["pairs"]}
 
 
-def run_sppo(run, folder, eta):
-    """SPPO (online.py): sppo_iterations of self-play from the SFT model, each on sppo_prompts training
-    prefixes with sppo_samples completions each, win rates from --online-reward's logit; DPO's
-    optimizer, lr and rows per step (2 x dpo_batch_size), evaluated every eval_interval steps."""
+def run_sppo(run, folder):
+    """SPPO (online.py): --sppo-iterations of self-play from the SFT model, each on
+    --sppo-prompts-per-iteration training prefixes with --sppo-samples-per-prompt completions each,
+    win rates from --online-reward's logit."""
     cfg = run.cfg
     log = os.path.join(folder, "eval.jsonl")
-    train_sppo(sppo_config(cfg, folder, eta), run.train_prompts,
-               evaluate=lambda step, policy: run.evaluator(policy, online_method(cfg, "SPPO"), f"eta={eta:g}", step, log))
+    train_sppo(sppo_config(cfg, folder), run.train_prompts,
+               evaluate=lambda step, policy: run.evaluator(policy, online_method(cfg, "SPPO"), f"eta={cfg.sppo.eta:g}", step, log))
     return throughput([os.path.join(folder, "sppo_log.jsonl")], "samples_per_s", "sppo_")
-
-
-def sppo_config(cfg, folder, eta):
-    batch_size = 2 * cfg.dpo_batch_size  # the rows of one DPO step
-    steps_per_iteration = max(1, cfg.sppo_prompts * cfg.sppo_samples // batch_size)
-    return SPPOConfig(sft=os.path.join(cfg.out, "sft.pt"), reward=os.path.join(cfg.out, ONLINE_REWARDS[cfg.online_reward]),
-                      out=folder, iterations=cfg.sppo_iterations, prompts_per_iteration=cfg.sppo_prompts,
-                      samples_per_prompt=cfg.sppo_samples, eta=eta, batch_size=batch_size, optimizer=cfg.dpo_optimizer,
-                      lr=cfg.dpo_lr, warmup_steps=cfg.dpo_warmup_steps, max_new_tokens=cfg.max_new_tokens,
-                      log_interval=max(1, cfg.eval_interval // 5),
-                      eval_interval=max(1, cfg.eval_interval // steps_per_iteration), seed=cfg.seed, device=cfg.device)
-
-
-def dpo_config(cfg, folder, beta, pairs=None):
-    return DPOConfig(sft=os.path.join(cfg.out, "sft.pt"), pairs=pairs or os.path.join(cfg.out, "pairs.jsonl"), out=folder, beta=beta,
-                     batch_size=cfg.dpo_batch_size, micro_batch_size=cfg.dpo_micro_batch_size,
-                     optimizer=cfg.dpo_optimizer, lr=cfg.dpo_lr, warmup_steps=cfg.dpo_warmup_steps,
-                     max_steps=cfg.dpo_steps, append_eot=cfg.dpo_append_eot, precompute_ref=cfg.precompute_ref,
-                     log_interval=max(1, cfg.eval_interval // 5), eval_interval=cfg.eval_interval,
-                     save_interval=cfg.eval_interval, seed=cfg.seed, device=cfg.device)
 
 
 def run_ppo(run, folder, target_kl, reward):
@@ -324,14 +564,6 @@ def run_ppo(run, folder, target_kl, reward):
     train_ppo(ppo_config(run.cfg, folder, target_kl, reward), run.train_prompts,
               evaluate=lambda step, policy: run.evaluator(policy, method, f"target KL={target_kl:g}", step, log))
     return throughput([os.path.join(folder, "ppo_log.jsonl")], "samples_per_s", "ppo_")
-
-
-def ppo_config(cfg, folder, target_kl, reward):
-    return PPOConfig(sft=os.path.join(cfg.out, "sft.pt"), reward=os.path.join(cfg.out, reward), out=folder,
-                     max_new_tokens=cfg.max_new_tokens, steps=cfg.ppo_steps, batch_size=cfg.ppo_batch_size,
-                     minibatch_size=cfg.ppo_minibatch_size, epochs=cfg.ppo_epochs, lr=cfg.ppo_lr, critic_lr=cfg.ppo_critic_lr,
-                     init_kl_coef=cfg.ppo_init_kl_coef, target_kl=target_kl, norm_samples=cfg.ppo_batch_size,
-                     eval_interval=cfg.ppo_eval_interval, save_interval=cfg.ppo_eval_interval, seed=cfg.seed, device=cfg.device)
 
 
 def run_best_of_n(run, folder, n):
@@ -393,9 +625,10 @@ def run_report(run):
     enc = get_encoding()
     prompts = run.evaluator.prompts[:5]
     sections = [("SFT", load_model(run.path("sft.pt")))]
-    first_dpo = os.path.join(run.path(f"dpo_beta{cfg.beta_list()[0]:g}"), "dpo.pt")
+    first_beta = cfg.number_list("betas")[0]
+    first_dpo = os.path.join(run.path(f"dpo_beta{first_beta:g}"), "dpo.pt")
     if "dpo" in cfg.method_list() and os.path.exists(first_dpo):
-        sections.append((f"DPO beta={cfg.beta_list()[0]:g}", load_model(first_dpo)))
+        sections.append((f"DPO beta={first_beta:g}", load_model(first_dpo)))
     lines = []
     for name, model in sections:
         generator = torch.Generator(device=run.device).manual_seed(cfg.seed)
@@ -487,295 +720,27 @@ def throughput(log_paths, key, prefix):
     return result
 
 
-# ---------------------------------------------------------------------------- the tables
-@dataclass
-class Stage:
-    run: Callable  # run(run) -> numbers for stage_times.json
-    artifacts: list  # what it writes under OUT (--force, or changed settings, remove them first); None: not recorded
-    fields: tuple  # the TrainConfig fields its artifacts depend on, besides those of the stages before it
-
-
-@dataclass
-class Method:
-    run: Callable  # run(run, folder, **params) -> numbers for stage_times.json; evaluations go to folder/eval.jsonl
-    runs: Callable  # runs(cfg) -> {folder under OUT: params}, one per setting (DPO: one per beta)
-    fields: tuple  # the TrainConfig fields its runs depend on, besides those of the stages before it
-
-
-STAGES = {
-    "sft": Stage(run_sft, ["sft.pt", "sft_log.jsonl"],
-                 ("seed", "init", "n_layer", "n_head", "n_embd", "block_size", "sft_steps", "sft_batch_size",
-                  "sft_grad_accum", "sft_lr", "sft_min_lr")),
-    "reward": Stage(lambda run: run_classifier(run, "reward", reward_config(run.cfg)), ["reward.pt", "reward_log.jsonl"],
-                    ("reward_steps", "reward_lr", "reward_order", "reward_bits", "reward_test_reviews")),
-    "pairs": Stage(run_pairs, ["pairs.jsonl", "heldout_pairs.jsonl"],
-                   ("n_prefixes", "heldout_prefixes", "completions_per_prefix", "max_new_tokens", "sample_batch_size")),
-    "rm": Stage(run_rm, ["rm.pt", "rm_log.jsonl"], ("rm_epochs", "rm_batch_size", "rm_lr")),
-    # after pairs: the judge only evaluates, so a change to it redoes the evaluations, not the pairs
-    "judge": Stage(lambda run: run_classifier(run, "judge", judge_config(run.cfg)), ["judge.pt", "judge_log.jsonl"],
-                   ("judge_steps", "judge_batch_size", "judge_lr", "judge_max_len", "judge_test_reviews")),
-    "methods": Stage(run_methods, None, ("eval_prefixes",)),  # None: each run of each method is recorded on its own
-    "report": Stage(run_report, None, ()),  # None: cheap, so always redone, its files replaced whole
-}
-
-DPO_FIELDS = ("dpo_steps", "dpo_batch_size", "dpo_micro_batch_size", "dpo_optimizer", "dpo_lr", "dpo_warmup_steps",
-              "dpo_append_eot", "precompute_ref", "eval_interval")
-PPO_FIELDS = ("ppo_steps", "ppo_batch_size", "ppo_minibatch_size", "ppo_epochs", "ppo_lr", "ppo_critic_lr", "ppo_init_kl_coef",
-              "ppo_eval_interval")
-METHODS = {
-    "sft_point": Method(run_sft_point, lambda cfg: {"sft_point": {}}, ()),
-    "preferred_ft": Method(run_preferred_ft, lambda cfg: {"preferred_ft": {}} if cfg.pft_steps else {},
-                           ("pft_steps", "pft_lr")),
-    "dpo": Method(functools.partial(run_preference_loss, method="DPO", loss_type="sigmoid", name="dpo"),
-                  lambda cfg: {f"dpo_beta{beta:g}": {"beta": beta} for beta in cfg.beta_list()}, DPO_FIELDS),
-    "unlikelihood": Method(functools.partial(run_preference_loss, method="Unlikelihood", loss_type="unlikelihood", name="unlikelihood"),
-                           lambda cfg: {f"unlikelihood_alpha{a:g}": {"alpha": a} for a in cfg.number_list("ul_alphas")},
-                           DPO_FIELDS),
-    "ppo": Method(run_ppo, lambda cfg: {f"ppo_kl{t:g}": {"target_kl": t, "reward": "rm.pt"} for t in cfg.number_list("ppo_target_kls")},
-                  PPO_FIELDS),
-    "ppo_gt": Method(run_ppo, lambda cfg: {f"ppo_gt_kl{t:g}": {"target_kl": t, "reward": "reward.pt"}
-                                           for t in cfg.number_list("ppo_target_kls")}, PPO_FIELDS),
-    "best_of_n": Method(run_best_of_n, lambda cfg: {f"best_of_n{n:g}": {"n": int(n)} for n in cfg.number_list("bon_ns")}, ()),
-    # the DPO family of the seeds' variants table, on the same pairs with DPO's settings
-    "ipo": Method(functools.partial(run_preference_loss, method="IPO", loss_type="ipo", name="ipo"),
-                  lambda cfg: {f"ipo_beta{cfg.ipo_beta:g}": {"beta": cfg.ipo_beta}}, DPO_FIELDS),
-    "kto": Method(functools.partial(run_preference_loss, method="KTO", loss_type="kto", name="kto"),
-                  lambda cfg: {f"kto_beta{cfg.kto_beta:g}": {"beta": cfg.kto_beta}}, DPO_FIELDS),
-    "simpo": Method(functools.partial(run_preference_loss, method="SimPO", loss_type="simpo", name="simpo"),
-                    lambda cfg: {f"simpo_beta{cfg.simpo_beta:g}_gamma{cfg.simpo_gamma:g}":
-                                 {"beta": cfg.simpo_beta, "gamma": cfg.simpo_gamma}}, DPO_FIELDS),
-    "orpo": Method(functools.partial(run_preference_loss, method="ORPO", loss_type="orpo", name="orpo"),
-                   lambda cfg: {f"orpo_lambda{cfg.orpo_lambda:g}": {"lam": cfg.orpo_lambda}}, DPO_FIELDS),
-    # the family's methods that make their own samples: online DPO, RSO, SPPO
-    "online_dpo": Method(run_online_dpo, lambda cfg: {f"online_dpo_beta{beta:g}": {"beta": beta} for beta in cfg.beta_list()},
-                         DPO_FIELDS + ("online_reward",)),
-    "rso": Method(run_rso, lambda cfg: {f"rso_beta{beta:g}": {"beta": beta} for beta in cfg.beta_list()},
-                  DPO_FIELDS + ("rso_prefixes", "rso_candidates", "rso_accept")),
-    "sppo": Method(run_sppo, lambda cfg: {f"sppo_eta{cfg.sppo_eta:g}": {"eta": cfg.sppo_eta}},
-                   DPO_FIELDS + ("online_reward", "sppo_iterations", "sppo_prompts", "sppo_samples")),
-}
-# --methods may name a group: the paper's Figure 2 (the default), or the DPO family
-METHOD_GROUPS = {"figure2": ("sft_point", "preferred_ft", "dpo", "unlikelihood", "ppo", "ppo_gt", "best_of_n"),
-                 "dpo-offline": ("sft_point", "dpo", "ipo", "kto", "simpo", "orpo"),
-                 "dpo-online": ("sft_point", "dpo", "online_dpo", "rso", "sppo"),
-                 "dpo-family": ("sft_point", "dpo", "ipo", "kto", "simpo", "orpo", "online_dpo", "rso", "sppo")}
-# TrainConfig fields no artifact depends on: where and how the run goes, not what it computes
-# (the sweeps, too: each of their values is a run of its own, recorded with its value)
-NOT_RECORDED = ("out", "stage", "methods", "force", "data", "data_verify", "device", "compile", "betas", "ul_alphas",
-                "ppo_target_kls", "bon_ns", "ipo_beta", "kto_beta", "simpo_beta", "simpo_gamma", "orpo_lambda", "sppo_eta")
-
-
-# ---------------------------------------------------------------------------- the experiment's settings
-@dataclass
-class TrainConfig:
-    out: str = field(default="out", metadata={"help": "run folder for every artifact"})
-    stage: str = field(default="all", metadata={"help": "all | " + " | ".join(STAGES)})
-    methods: str = field(default="figure2", metadata={"help": "figure2 (the paper's Figure 2), dpo-family (or its halves dpo-offline, dpo-online), all, or a comma-separated list of "
-                                                                + ", ".join(METHODS)})
-    force: bool = field(default=False, metadata={"help": "redo the stages that run, even if their artifacts exist"})
-    data: str = field(default=None, metadata={"help": "IMDb archive or aclImdb/ folder (else $IMDB_ARCHIVE, data/, download)"})
-    data_verify: bool = field(default=True, metadata={"help": "require the full 25k/25k/50k archive"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
-    seed: int = field(default=0, metadata={"help": "random seed for every stage"})
-    # 1. SFT
-    init: str = field(default="scratch", metadata={"help": "scratch | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a save_pretrained folder | a .safetensors path"})
-    n_layer: int = field(default=4, metadata={"help": "transformer blocks (scratch)"})
-    n_head: int = field(default=4, metadata={"help": "attention heads (scratch)"})
-    n_embd: int = field(default=128, metadata={"help": "model width (scratch)"})
-    block_size: int = field(default=64, metadata={"help": "SFT sequence length (also bounds prompt + completion)"})
-    sft_steps: int = field(default=350, metadata={"help": "SFT optimizer steps"})
-    sft_batch_size: int = field(default=16, metadata={"help": "SFT sequences per micro-batch"})
-    sft_grad_accum: int = field(default=1, metadata={"help": "SFT micro-batches per step"})
-    sft_lr: float = field(default=2e-3, metadata={"help": "SFT peak learning rate"})
-    sft_min_lr: float = field(default=2e-4, metadata={"help": "SFT learning rate at the end of its cosine decay"})
-    compile: bool = field(default=True, metadata={"help": "torch.compile SFT on CUDA"})
-    # 2. the reward (an n-gram classifier) and the second judge (a GPT-trunk classifier)
-    reward_steps: int = field(default=1600, metadata={"help": "reward: optimizer steps of 64 reviews"})
-    reward_lr: float = field(default=5e-3, metadata={"help": "reward: Adam learning rate"})
-    reward_order: int = field(default=4, metadata={"help": "reward: n-grams of 1..order tokens"})
-    reward_bits: int = field(default=24, metadata={"help": "reward: 2**bits hashed n-gram weights"})
-    reward_test_reviews: int = field(default=0, metadata={"help": "reward: test reviews for its accuracy (0 = all 25k)"})
-    judge_steps: int = field(default=240, metadata={"help": "judge: optimizer steps"})
-    judge_batch_size: int = field(default=32, metadata={"help": "judge: reviews per step"})
-    judge_lr: float = field(default=3e-4, metadata={"help": "judge: peak learning rate"})
-    judge_max_len: int = field(default=64, metadata={"help": "judge: longest training crop, in tokens"})
-    judge_test_reviews: int = field(default=2000, metadata={"help": "judge: test reviews for its accuracy (0 = all 25k)"})
-    # 3. preference pairs
-    n_prefixes: int = field(default=1200, metadata={"help": "train prefixes (paper: 25,000)"})
-    heldout_prefixes: int = field(default=50, metadata={"help": "test prefixes for the held-out pairs that measure DPO's implicit reward"})
-    completions_per_prefix: int = field(default=4, metadata={"help": "samples per prefix (paper: 4 -> 6 pairs)"})
-    max_new_tokens: int = field(default=24, metadata={"help": "tokens per sampled completion"})
-    sample_batch_size: int = field(default=256, metadata={"help": "prompts per sampling batch"})
-    # 4. DPO
-    betas: str = field(default="0.1", metadata={"help": "comma-separated betas (paper: 0.05,0.1,1,5)"})
-    dpo_steps: int = field(default=80, metadata={"help": "DPO optimizer steps per beta (0 = one epoch)"})
-    dpo_batch_size: int = field(default=16, metadata={"help": "pairs per DPO step (paper: 64)"})
-    dpo_micro_batch_size: int = field(default=16, metadata={"help": "pairs per forward pass"})
-    dpo_optimizer: str = field(default="rmsprop", metadata={"help": "rmsprop (paper) | adamw"})
-    dpo_lr: float = field(default=3e-4, metadata={"help": "DPO learning rate (paper: 1e-6 for GPT-2-large)"})
-    dpo_warmup_steps: int = field(default=10, metadata={"help": "DPO linear warm-up (paper: 150)"})
-    dpo_append_eot: bool = field(default=False, metadata={"help": "end each pair's responses with end-of-text (off: the sampled completions are fixed-length and did not end)"})
-    precompute_ref: bool = field(default=False, metadata={"help": "precompute reference log-probs of every pair once (worth it when the run sees most pairs; not for KTO)"})
-    # 5. baselines
-    pft_steps: int = field(default=20, metadata={"help": "Preferred-FT optimizer steps (0 = skip)"})
-    pft_lr: float = field(default=1e-4, metadata={"help": "Preferred-FT learning rate"})
-    ul_alphas: str = field(default="0.5", metadata={"help": "Unlikelihood: comma-separated alphas, each trained with DPO's settings (paper: 0.05,0.1,0.5,1)"})
-    bon_ns: str = field(default="1,4,8", metadata={"help": "Best-of-N: comma-separated N (GPU preset: 1,4,16,64)"})
-    # 6. RLHF: the Bradley-Terry reward model and PPO
-    rm_epochs: float = field(default=1.0, metadata={"help": "reward model: passes over the training pairs"})
-    rm_batch_size: int = field(default=32, metadata={"help": "reward model: pairs per step"})
-    rm_lr: float = field(default=1e-4, metadata={"help": "reward model: peak learning rate"})
-    ppo_target_kls: str = field(default="6", metadata={"help": "PPO and PPO-GT: comma-separated target KLs (paper: 3,6,9,12)"})
-    ppo_steps: int = field(default=20, metadata={"help": "PPO steps (rollout batch + updates) per target KL"})
-    ppo_batch_size: int = field(default=48, metadata={"help": "PPO rollouts per step (the paper's authors mention 1,024)"})
-    ppo_minibatch_size: int = field(default=16, metadata={"help": "PPO rollouts per optimizer step"})
-    ppo_epochs: int = field(default=2, metadata={"help": "PPO passes over each rollout batch"})
-    ppo_lr: float = field(default=3e-4, metadata={"help": "PPO policy learning rate"})
-    ppo_critic_lr: float = field(default=3e-3, metadata={"help": "PPO critic learning rate (10x the policy's)"})
-    ppo_init_kl_coef: float = field(default=0.05, metadata={"help": "PPO beta_KL at the start; it adapts toward the target KL"})
-    ppo_eval_interval: int = field(default=10, metadata={"help": "PPO steps between evaluations"})
-    # 7. the DPO family (--methods dpo-family), each trained with DPO's settings
-    ipo_beta: float = field(default=0.1, metadata={"help": "IPO: beta (its target margin is 1 / (2 beta))"})
-    kto_beta: float = field(default=0.1, metadata={"help": "KTO: beta"})
-    simpo_beta: float = field(default=2.0, metadata={"help": "SimPO: beta (SimPO's default 2.0)"})
-    simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO: target reward margin gamma (SimPO's default 0.5)"})
-    orpo_lambda: float = field(default=0.1, metadata={"help": "ORPO: weight of the odds-ratio term (ORPO's default 0.1)"})
-    online_reward: str = field(default="ground_truth", metadata={"help": "online DPO, SPPO: the labeller of their samples, ground_truth (reward.pt) | learned (rm.pt)"})
-    rso_prefixes: int = field(default=240, metadata={"help": "RSO: training prefixes it samples (the first ones)"})
-    rso_candidates: int = field(default=8, metadata={"help": "RSO: SFT samples per prefix to accept from (RSO: 64)"})
-    rso_accept: int = field(default=4, metadata={"help": "RSO: samples of pi* accepted per prefix, all their pairs kept (RSO: 8)"})
-    sppo_eta: float = field(default=10.0, metadata={"help": "SPPO: step size eta of the exponential-weights update"})
-    sppo_iterations: int = field(default=4, metadata={"help": "SPPO: self-play iterations (SPPO: 3)"})
-    sppo_prompts: int = field(default=160, metadata={"help": "SPPO: training prefixes sampled in each iteration"})
-    sppo_samples: int = field(default=4, metadata={"help": "SPPO: completions K of each prefix from pi_t"})
-    # 8. evaluation
-    eval_interval: int = field(default=40, metadata={"help": "DPO steps between evaluations (paper: 100)"})
-    eval_prefixes: int = field(default=96, metadata={"help": "held-out test prefixes per evaluation"})
-
-    def validate(self):
-        check(self.stage == "all" or self.stage in STAGES, f"--stage must be all or one of {', '.join(STAGES)}, got {self.stage!r}")
-        unknown = [m for m in self.method_list() if m not in METHODS]
-        check(self.method_list() and not unknown,
-              f"--methods must be figure2, dpo-family, dpo-offline, dpo-online, all or a comma-separated list of {', '.join(METHODS)}, got {self.methods!r}")
-        for name in ("n_layer", "n_head", "n_embd", "block_size", "sft_steps", "sft_batch_size", "sft_grad_accum",
-                     "reward_steps", "judge_steps", "judge_batch_size", "judge_max_len", "n_prefixes", "heldout_prefixes",
-                     "max_new_tokens",
-                     "sample_batch_size", "dpo_batch_size", "dpo_micro_batch_size", "eval_interval", "eval_prefixes"):
-            check(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        check(self.dpo_batch_size % self.dpo_micro_batch_size == 0,
-              f"--dpo-batch-size {self.dpo_batch_size} must be a multiple of --dpo-micro-batch-size {self.dpo_micro_batch_size}")
-        check(self.completions_per_prefix >= 2, f"--completions-per-prefix must be at least 2, got {self.completions_per_prefix}")
-        check(self.dpo_steps >= 0 and self.pft_steps >= 0 and self.reward_test_reviews >= 0 and self.judge_test_reviews >= 0,
-              "step and review counts must be >= 0")
-        check(self.sft_lr > 0 and self.reward_lr > 0 and self.judge_lr > 0 and self.dpo_lr > 0 and self.pft_lr > 0,
-              "learning rates must be > 0")
-        check(self.init != "scratch" or self.judge_max_len <= self.block_size,
-              f"--judge-max-len {self.judge_max_len} exceeds the model's context --block-size {self.block_size}")
-        check(8 + self.max_new_tokens <= self.block_size,
-              f"an 8-token prefix plus --max-new-tokens {self.max_new_tokens} exceeds --block-size {self.block_size}")
-        shortest_pft_text = self.n_prefixes * (2 + self.max_new_tokens + 1)  # best completions: prefix + sample + EOT
-        check(self.pft_steps == 0 or shortest_pft_text > self.block_size + 1,
-              f"Preferred-FT trains on windows of --block-size + 1 = {self.block_size + 1} tokens, but --n-prefixes "
-              f"{self.n_prefixes} best completions may hold only {shortest_pft_text}; raise --n-prefixes or pass --pft-steps 0")
-        for name in ("betas", "ul_alphas", "ppo_target_kls", "bon_ns"):
-            flag = f"--{name.replace('_', '-')}"
-            try:
-                values = self.number_list(name)
-            except ValueError:
-                raise ValueError(f"{flag} must be comma-separated numbers, got {getattr(self, name)!r}") from None
-            check(values and all(math.isfinite(v) and v > 0 for v in values), f"every value of {flag} must be finite and > 0, got {getattr(self, name)!r}")
-            check(len({f"{v:g}" for v in values}) == len(values), f"{flag} names the same value twice: {getattr(self, name)!r}")
-        check(all(n == int(n) for n in self.number_list("bon_ns")), f"--bon-ns must be whole numbers, got {self.bon_ns!r}")
-        check(self.online_reward in ONLINE_REWARDS, f"--online-reward must be ground_truth or learned, got {self.online_reward!r}")
-        check(0 < self.rso_prefixes <= self.n_prefixes and 2 <= self.rso_accept <= self.rso_candidates,
-              f"RSO needs 0 < --rso-prefixes <= --n-prefixes and 2 <= --rso-accept <= --rso-candidates, got "
-              f"{self.rso_prefixes}, {self.rso_accept}, {self.rso_candidates}")
-        check(self.sppo_eta > 0 and self.sppo_iterations > 0 and self.sppo_prompts > 0 and self.sppo_samples >= 2,
-              f"SPPO needs --sppo-eta, --sppo-iterations and --sppo-prompts > 0 and --sppo-samples >= 2, got {self.sppo_eta}, "
-              f"{self.sppo_iterations}, {self.sppo_prompts}, {self.sppo_samples}")
-        check(self.sppo_prompts * self.sppo_samples % (2 * self.dpo_batch_size) == 0,
-              f"SPPO trains on 2 x --dpo-batch-size = {2 * self.dpo_batch_size} completions a step, which must divide an "
-              f"iteration's --sppo-prompts x --sppo-samples = {self.sppo_prompts * self.sppo_samples}")
-        check(self.ipo_beta > 0 and self.kto_beta > 0 and self.simpo_beta > 0,
-              f"--ipo-beta, --kto-beta and --simpo-beta must be > 0, got {self.ipo_beta}, {self.kto_beta}, {self.simpo_beta}")
-        check(self.orpo_lambda >= 0, f"--orpo-lambda must be >= 0, got {self.orpo_lambda}")
-        check("kto" not in self.method_list() or self.dpo_micro_batch_size >= 2,
-              f"KTO's KL estimate pairs each prompt with another pair's responses: --dpo-micro-batch-size must be at "
-              f"least 2, got {self.dpo_micro_batch_size}")
-        # each stage's own checks, now: a bad setting stops the run before anything is written or removed
-        for stage_cfg, prefix in [(sft_config(self), "sft"), (reward_config(self), "reward"), (rm_config(self), "rm"),
-                                  (judge_config(self), "judge"), *((dpo_config(self, "", b), "dpo") for b in self.beta_list()),
-                                  *((ppo_config(self, "", t, "rm.pt"), "ppo") for t in self.number_list("ppo_target_kls")),
-                                  (sppo_config(self, "", self.sppo_eta), "sppo"),
-                                  *([(pft_config(self, ""), "pft")] if self.pft_steps else [])]:
-            try:
-                stage_cfg.validate()
-            except ValueError as e:
-                raise ValueError(train_flags(str(e), prefix)) from None
-
-    def number_list(self, name):
-        """A comma-separated sweep setting (betas, ul_alphas, ppo_target_kls, bon_ns) as floats."""
-        return [float(v) for v in getattr(self, name).split(",") if v.strip()]
-
-    def beta_list(self):
-        return self.number_list("betas")
-
-    def method_list(self):
-        """The methods --methods names, a group (or all) expanded to its methods, each once."""
-        names = [m.strip() for m in self.methods.split(",") if m.strip()]
-        return list(dict.fromkeys(m for name in names for m in (METHODS if name == "all" else METHOD_GROUPS.get(name, [name]))))
-
-
-# a stage script's settings under train.py's names: --epochs of ppo.py is --ppo-epochs here
-FLAG_ALIASES = {"max_steps": "steps", "beta": "betas", "target_kl": "target_kls", "prompts_per_iteration": "prompts",
-                "samples_per_prompt": "samples"}
-
-
-def train_flags(message, prefix):
-    """A stage script's error message with its flags (--epochs) renamed to train.py's (--ppo-epochs)."""
-    names = {f.name for f in fields(TrainConfig)}
-
-    def rename(match):
-        name = match.group(1).replace("-", "_")
-        for candidate in (f"{prefix}_{name}", f"{prefix}_{FLAG_ALIASES.get(name)}", name, FLAG_ALIASES.get(name)):
-            if candidate in names:
-                return "--" + candidate.replace("_", "-")
-        return match.group(0)
-    return re.sub(r"--([a-z][a-z-]*[a-z])", rename, message)
-
-
-PRESETS = {
-    "smoke": dict(n_layer=2, n_head=2, n_embd=64, block_size=48, sft_steps=20, sft_batch_size=8, reward_steps=20,
-                  reward_bits=16, reward_test_reviews=32, judge_steps=20, judge_batch_size=16, judge_max_len=48,
-                  judge_test_reviews=32, n_prefixes=16, heldout_prefixes=8, max_new_tokens=12,
-                  betas="0.1,1", dpo_steps=6, dpo_batch_size=8, dpo_micro_batch_size=4, dpo_lr=1e-4,
-                  dpo_warmup_steps=2, pft_steps=4, eval_interval=3, eval_prefixes=8, rm_epochs=1, rm_batch_size=8,
-                  ppo_steps=2, ppo_batch_size=8, ppo_minibatch_size=4, ppo_eval_interval=2, bon_ns="1,2",
-                  rso_prefixes=8, rso_candidates=4, rso_accept=2, sppo_iterations=2, sppo_prompts=8, sppo_samples=2),
-    "cpu": dict(),  # the defaults above: 18.1 minutes (figure2) on the 2-core box of the README's CPU results
-    "gpu": dict(n_layer=12, n_head=12, n_embd=768, block_size=256, sft_steps=1500, sft_batch_size=64, sft_grad_accum=2,
-                sft_lr=6e-4, sft_min_lr=6e-5, judge_steps=800, judge_batch_size=64, judge_lr=1e-4, judge_max_len=256,
-                judge_test_reviews=0, n_prefixes=25_000, heldout_prefixes=1000, max_new_tokens=48, sample_batch_size=1024,
-                betas="0.05,0.1,1,5", dpo_steps=600, dpo_batch_size=64, dpo_micro_batch_size=64, dpo_lr=1e-6,
-                dpo_warmup_steps=150, pft_steps=300, pft_lr=1e-5, eval_interval=100, eval_prefixes=512,
-                ul_alphas="0.05,0.1,0.5,1", bon_ns="1,4,16,64", rm_epochs=1, rm_batch_size=64, rm_lr=1e-5,
-                ppo_target_kls="3,6,9,12", ppo_steps=100, ppo_batch_size=512, ppo_minibatch_size=64, ppo_lr=1e-5, ppo_critic_lr=1e-4,
-                ppo_eval_interval=20, rso_prefixes=8000, rso_candidates=16, sppo_iterations=3, sppo_prompts=6400),
-}
-
-
 # ---------------------------------------------------------------------------- the run folder: what made each artifact
+def recorded(cfg, names):
+    """The settings these TrainConfig names stand for: a setting itself, or each of a section's own
+    (not fixed) settings, as "section.field"."""
+    result = {}
+    for f in fields(TrainConfig):
+        if f.name in names and section_of(f) is None:
+            result[f.name] = getattr(cfg, f.name)
+        elif f.name in names:
+            result.update({f"{f.name}.{k}": v for k, v in asdict(getattr(cfg, f.name)).items() if k not in f.metadata["fixed"]})
+    return result
+
+
 def stage_settings(run, name):
-    """The settings a stage's artifacts are made with: the data, its own fields and those of every stage before it."""
+    """The settings a stage's artifacts are made with: the data, its own and those of every stage before it."""
     order = list(STAGES)
-    settings = {"data": run.data_id}
-    for stage in order[:order.index(name) + 1]:
-        settings.update({f: getattr(run.cfg, f) for f in STAGES[stage].fields})
-    return settings
+    return {"data": run.data_id, **recorded(run.cfg, [s for stage in order[:order.index(name) + 1] for s in STAGES[stage].settings])}
 
 
 def method_settings(run, name, params):
-    return {**stage_settings(run, "methods"), **{f: getattr(run.cfg, f) for f in METHODS[name].fields}, **params}
+    return {**stage_settings(run, "methods"), **recorded(run.cfg, METHODS[name].settings), **params}
 
 
 def is_done(run, name, settings):
@@ -807,10 +772,10 @@ def bring_up_to_date(run, name, stage, settings, artifacts, work):
         remove(cfg, owned_artifacts(other, run.records.pop(other)["stage"]))
     forget_times(run, [name, *made_from_old])
     run.records[name] = {"stage": stage, "settings": settings, "done": False}
-    save_json(run.path("settings.json"), run.records)
+    save_records(run)
     result = work()
     run.records[name]["done"] = True
-    save_json(run.path("settings.json"), run.records)
+    save_records(run)
     return result
 
 
@@ -823,24 +788,36 @@ def require_done(run, stages):
 
 
 def check_inputs(run):
-    """The checks that need the processes or open a file, made before anything is removed: a bad --init
-    or a batch the ranks cannot share stops the run with OUT as it was."""
+    """The checks that need the processes or open a file, made before anything is removed: a bad --init,
+    a batch the ranks cannot share or a damaged stage_times.json stops the run with OUT as it was."""
     cfg = run.cfg
-    for flag, batch in (("--sft-batch-size", cfg.sft_batch_size), ("--judge-batch-size", cfg.judge_batch_size),
-                        ("--rm-batch-size", cfg.rm_batch_size), ("--dpo-micro-batch-size", cfg.dpo_micro_batch_size)):
+    for flag, batch in (("--sft-batch-size", cfg.sft.batch_size), ("--judge-batch-size", cfg.judge.batch_size),
+                        ("--rm-batch-size", cfg.rm.batch_size), ("--dpo-micro-batch-size", cfg.dpo.micro_batch_size)):
         check_divisible(batch, flag)
+    read_stage_times(run)  # a damaged stage_times.json is said now, not after a stage was removed
     sft_runs = cfg.stage in ("all", "sft") and (cfg.force or not is_done(run, "sft", stage_settings(run, "sft")))
     if cfg.init != "scratch" and sft_runs:
         build_model(sft_config(cfg), "cpu")  # the weights --init names load (then are freed), or the error says why
+
+
+RECORDS_FORMAT = 2  # 2: settings by section ("dpo.lr"); 1 (no "format" key): one flat list of flags
 
 
 def read_records(path):
     """OUT/settings.json: {stage or method run: {"stage", "settings", "done"}}, or {} if there is none."""
     if not os.path.exists(path):
         return {}
-    return read_json(path, valid=lambda records: isinstance(records, dict) and all(
+    saved = read_json(path, valid=lambda saved: isinstance(saved, dict) and isinstance(saved.get("records", {}), dict) and all(
         isinstance(r, dict) and r.get("stage") in STAGES and isinstance(r.get("settings"), dict)
-        and isinstance(r.get("done"), bool) for r in records.values()), what="a record of this project's stages")
+        and isinstance(r.get("done"), bool) for r in saved.get("records", saved).values()), what="a record of this project's stages")
+    if saved.get("format") != RECORDS_FORMAT:
+        raise UserError(f"{path} was written by an older train.py, whose settings this one cannot compare; "
+                        f"pass another --out, or remove {os.path.dirname(path) or '.'} to start over")
+    return saved["records"]
+
+
+def save_records(run):
+    save_json(run.path("settings.json"), {"format": RECORDS_FORMAT, "records": run.records})
 
 
 def owned_artifacts(name, stage):

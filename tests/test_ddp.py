@@ -37,7 +37,7 @@ def test_dpo_with_two_processes_matches_one_process(tmp_path):
             f.write(json.dumps({"prompt": f"Review {i}:", "chosen": " a fine, warm film" + " yes" * (i % 3),
                                 "rejected": " dull" + " no" * (i % 4)}) + "\n")
     dpo_args = ["dpo.py", "--sft", str(tmp_path / "sft.pt"), "--pairs", str(tmp_path / "pairs.jsonl"),
-                   "--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "4", "--log-interval", "1",
+                   "--batch-size", "8", "--micro-batch-size", "4", "--steps", "4", "--log-interval", "1",
                    "--optimizer", "adamw", "--lr", "1e-2", "--warmup-steps", "1", "--device", "cpu"]
     run(dpo_args + ["--out", str(tmp_path / "single")], ROOT)
     run(dpo_args + ["--out", str(tmp_path / "ddp")], ROOT, nproc=2)
@@ -62,7 +62,7 @@ def test_sft_with_two_processes_matches_one_process(tmp_path):
                 info = tarfile.TarInfo(f"aclImdb/{split}/{label}/{i}_7.txt")
                 info.size = len(text)
                 tar.addfile(info, io.BytesIO(text))
-    args = ["sft.py", "--preset", "smoke", "--data", str(archive), "--no-data-verify", "--max-steps", "3",
+    args = ["sft.py", "--preset", "smoke", "--data", str(archive), "--no-data-verify", "--steps", "3",
             "--log-interval", "1", "--eval-interval", "3", "--batch-size", "4", "--n-embd", "32", "--n-layer", "1",
             "--block-size", "32", "--device", "cpu", "--seed", "3"]
     run(args + ["--out", str(tmp_path / "single")], tmp_path)

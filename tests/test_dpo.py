@@ -544,7 +544,7 @@ def trainer_files(tmp_path_factory):
 
 def trainer_config(sft, pairs, out, **overrides):
     values = dict(sft=sft, pairs=pairs, out=out, device="cpu", optimizer="adamw", lr=1e-3, warmup_steps=1, batch_size=4,
-                  micro_batch_size=2, max_steps=5, log_interval=1, eval_interval=1000, save_interval=1000, beta=0.1)
+                  micro_batch_size=2, steps=5, log_interval=1, eval_interval=1000, save_interval=1000, beta=0.1)
     values.update(overrides)
     cfg = DPOConfig(**values)
     cfg.validate()
@@ -578,8 +578,8 @@ def test_precomputed_reference_gives_same_losses_as_live_reference(trainer_files
 def test_resumed_run_equals_uninterrupted_run(trainer_files, live_run):
     root, sft, pairs = trainer_files
     out = str(root / "resumed")
-    dpo.train_dpo(trainer_config(sft, pairs, out, max_steps=3))
-    dpo.train_dpo(trainer_config(sft, pairs, out, max_steps=5))
+    dpo.train_dpo(trainer_config(sft, pairs, out, steps=3))
+    dpo.train_dpo(trainer_config(sft, pairs, out, steps=5))
     assert [s for s, _ in logged_losses(out)] == [1, 2, 3, 4, 5]
     for (_, a), (_, b) in zip(logged_losses(out), logged_losses(live_run)):
         assert a == pytest.approx(b, rel=1e-6, abs=1e-7)
@@ -595,7 +595,7 @@ def test_resumed_run_equals_uninterrupted_run(trainer_files, live_run):
 def test_resume_with_a_different_config_is_refused(trainer_files, live_run):
     _, sft, pairs = trainer_files
     with pytest.raises(UserError, match="beta"):
-        dpo.train_dpo(trainer_config(sft, pairs, live_run, beta=0.2, max_steps=6))
+        dpo.train_dpo(trainer_config(sft, pairs, live_run, beta=0.2, steps=6))
 
 
 # ---------------------------------------------------------------------------- 9. end to end on a toy task
@@ -667,7 +667,7 @@ def test_dpo_raises_reward_of_samples_on_toy_task(tmp_path):
     train_pairs, held_out = toy_pairs(rng, 64), toy_pairs(rng, 32)
     beta = 0.1
     cfg = trainer_config(sft, str(tmp_path / "unused.jsonl"), str(tmp_path / "dpo"), beta=beta, lr=1e-2, batch_size=8,
-                         micro_batch_size=8, max_steps=8, log_interval=4, precompute_ref=True)
+                         micro_batch_size=8, steps=8, log_interval=4, precompute_ref=True)
     policy = load_model(dpo.train_dpo(cfg, pairs=train_pairs))
 
     prompt_rng = random.Random(2)

@@ -1,6 +1,7 @@
 """The IMDb experiment: the KL estimator, the pair builder, the reward model, and the whole
 pipeline (smoke preset) including a kill between stages."""
 import copy
+import functools
 import dataclasses
 import itertools
 import json
@@ -10,11 +11,13 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
 import torch
 
+import cli
 import evaluate
 import train
 from checkpoint import read_jsonl
@@ -349,13 +352,129 @@ def test_methods_names_groups_expanded_each_method_once():
     assert methods("ppo, ppo_gt") == ["ppo", "ppo_gt"]
 
 
+ADDED_LOSS = """
+import os, sys, types
+import dpo
+dpo.LOSSES["hinge"] = dpo.Loss(dpo.dpo_losses, method="SLiC", settings={"beta": 0.1})  # the README's step 2
+import train
+from cli import parse_config, run_main
+out = sys.argv[1]
+
+def main():
+    cfg = parse_config(train.TrainConfig, ["--methods", "hinge", "--out", out] + sys.argv[2:], presets=train.PRESETS)
+    print("methods", cfg.method_list(), "runs", train.METHODS["hinge"].runs(cfg))
+    print("records", sorted(train.recorded(cfg, train.METHODS["hinge"].settings))[:2])
+    train.train_dpo = lambda config, **kw: print("trains", config.loss_type, config.beta, config.lr, config.name) or "x.pt"
+    run = types.SimpleNamespace(cfg=cfg, path=lambda name: os.path.join(out, name), evaluator=None)
+    for folder, params in train.METHODS["hinge"].runs(cfg).items():
+        train.METHODS["hinge"].run(run, run.path(folder), **params)
+run_main(main)
+"""
+
+
+def test_a_loss_added_to_the_table_is_a_method_of_train_py_with_its_flags(tmp_path):
+    """The README's "adding a method": one line in dpo.LOSSES (SLiC's hinge here, whose function exists)
+    gives train.py the method, its flag, its run folder, its recorded settings and its checks."""
+    def added(*flags):
+        return subprocess.run([sys.executable, "-c", ADDED_LOSS, str(tmp_path)] + list(flags), cwd=ROOT,
+                              capture_output=True, text=True)
+    result = added("--hinge-beta", "0.3", "--dpo-lr", "0.002")
+    assert result.returncode == 0, result.stderr
+    assert "methods ['hinge'] runs {'hinge_beta0.3': {'beta': 0.3}}" in result.stdout
+    assert "records ['dpo.append_eot', 'dpo.batch_size']" in result.stdout  # DPO's settings, as for every loss
+    assert "trains hinge 0.3 0.002 hinge" in result.stdout
+    result = added("--hinge-beta", "0")
+    assert result.returncode == 2 and result.stderr.strip() == "error: --hinge-beta must be > 0, got 0.0 (see -c --help)"
+
+
+def own_settings():
+    """Every setting train.py records, as recorded: a top-level field by its name, a section's own
+    (not fixed) fields as "section.field"; the flat family section by its fields' names."""
+    result = set()
+    for f in dataclasses.fields(train.TrainConfig):
+        section = cli.section_of(f)
+        if section is None or f.metadata.get("flat"):
+            result.add(f.name)
+        else:
+            result |= {f"{f.name}.{s.name}" for s in dataclasses.fields(section) if s.name not in f.metadata["fixed"]}
+    return result
+
+
 def test_every_setting_is_recorded_by_the_stages_and_methods_it_affects_or_named_as_affecting_none():
-    """A TrainConfig field missing from every stage's and method's `fields` would let a changed setting
-    reuse results it did not make: each field is recorded somewhere or listed in NOT_RECORDED."""
-    by_stages = [f for stage in train.STAGES.values() for f in stage.fields]
-    by_methods = {f for method in train.METHODS.values() for f in method.fields}  # methods may share (PPO, PPO-GT)
-    fields = {f.name for f in dataclasses.fields(train.TrainConfig)}
-    assert len(by_stages) == len(set(by_stages)), "a field recorded by two stages"
-    assert not set(by_stages) & by_methods, "a field recorded by a stage and a method"
-    assert fields == set(by_stages) | by_methods | set(train.NOT_RECORDED)
+    """A setting no stage or method records would let a changed setting reuse results it did not make:
+    each is recorded by the stages or the methods (a section: all of its own settings), or NOT_RECORDED."""
+    cfg = train.TrainConfig()
+    by_stages = [k for stage in train.STAGES.values() for k in train.recorded(cfg, stage.settings)]
+    by_methods = {k for method in train.METHODS.values() for k in train.recorded(cfg, method.settings)}
+    assert len(by_stages) == len(set(by_stages)), "a setting recorded by two stages"
+    assert not set(by_stages) & by_methods, "a setting recorded by a stage and a method"
+    assert own_settings() == set(by_stages) | by_methods | set(train.NOT_RECORDED)
     assert not (set(by_stages) | by_methods) & set(train.NOT_RECORDED)
+
+
+def trainer_inputs(cfg, name, folder_root, monkeypatch):
+    """{run folder: what each run of method `name` hands its trainers and samplers}: the configs (as
+    dicts) and the plain numbers and strings of every call, with every trainer replaced by a recorder."""
+    from unittest import mock
+    calls = []
+
+    def plain(value):
+        if dataclasses.is_dataclass(value):
+            return dataclasses.asdict(value)
+        if isinstance(value, functools.partial):
+            return plain(value.keywords)
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items() if plain(v) is not None}
+        return value if isinstance(value, (int, float, str)) else None
+
+    def recorder(returns):
+        return lambda *args, **kwargs: (calls.append([plain(a) for a in args] + [plain(kwargs)]), returns)[1]
+    for trainer, returns in (("train_dpo", "x.pt"), ("train_lm", "x.pt"), ("train_ppo", "x.pt"), ("train_sppo", "x.pt"),
+                             ("rso_pairs", ([], 0.5)), ("generate", [[1]] * 4096), ("reward_function", None),
+                             ("load_model", mock.MagicMock()), ("read_jsonl", []), ("score_completions", {})):
+        monkeypatch.setattr(train, trainer, recorder(returns))
+    run = types.SimpleNamespace(cfg=cfg, device="cpu", path=lambda n: os.path.join(str(folder_root), n),
+                                train_prompts=[[1, 2]] * 4, evaluator=mock.MagicMock(prompts=[[1, 2]] * 4),
+                                learned_reward=lambda texts: torch.zeros(len(texts)))
+    result = {}
+    for folder, params in train.METHODS[name].runs(cfg).items():
+        os.makedirs(run.path(folder), exist_ok=True)
+        calls.clear()
+        train.METHODS[name].run(run, run.path(folder), **params)
+        result[folder] = json.dumps(calls, sort_keys=True, default=str)
+    return result
+
+
+WHERE = {"out", "device", "data", "data_verify", "compile", "force", "stage", "methods"}  # where and how, not what
+
+
+@pytest.mark.parametrize("name", list(train.METHODS))
+def test_every_method_run_records_each_setting_its_trainer_reads(name, tmp_path, monkeypatch):
+    """Whatever setting changes what a method's run hands its trainer (found by changing each setting of
+    train.py in turn and recording the calls) changes what that run records, so the run is redone."""
+    cfg = train.TrainConfig()
+    before = trainer_inputs(cfg, name, tmp_path / "a", monkeypatch)
+    recorded = {folder: train.method_settings(types.SimpleNamespace(cfg=cfg, data_id="d"), name, params)
+                for folder, params in train.METHODS[name].runs(cfg).items()}
+    checked = 0
+    for f in dataclasses.fields(train.TrainConfig):
+        section = getattr(cfg, f.name)
+        if f.name in WHERE:
+            continue
+        for field_name in ([s.name for s in dataclasses.fields(section) if s.name not in f.metadata.get("fixed", ())]
+                           if dataclasses.is_dataclass(section) else [None]):
+            old = getattr(section, field_name) if field_name else section
+            new = {bool: lambda v: not v, int: lambda v: v + 1, float: lambda v: v * 2 + 1}.get(type(old), lambda v: v)(old)
+            if f.name == "online_reward":
+                new = "learned"
+            elif isinstance(old, str) and field_name is None:
+                new = old + "," + str(float(old.split(",")[0]) * 2 + 1) if f.name in ("betas", "ul_alphas", "ppo_target_kls", "bon_ns") else old + "x"
+            changed = dataclasses.replace(cfg, **{f.name: dataclasses.replace(section, **{field_name: new}) if field_name else new})
+            root = tmp_path / f"{f.name}.{field_name}"  # a new folder: no run finds another's files
+            after = trainer_inputs(changed, name, root, monkeypatch)
+            for folder, params in train.METHODS[name].runs(changed).items():
+                if folder in before and after[folder].replace(str(root), str(tmp_path / "a")) != before[folder]:
+                    checked += 1
+                    assert train.method_settings(types.SimpleNamespace(cfg=changed, data_id="d"), name, params) != \
+                        recorded[folder], f"{name}: --{f.name} {field_name or ''} changes {folder}'s run but not its record"
+    assert checked > 0 or name in ("sft_point", "best_of_n"), f"no setting changed what {name} runs: the recorder missed it"

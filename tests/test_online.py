@@ -184,9 +184,9 @@ def test_sppo_raises_the_win_rate_of_a_planted_preference(tmp_path):
 
 def test_online_dpo_needs_a_step_count_and_a_live_reference(tmp_path):
     sft = save_tiny_checkpoint(tmp_path / "sft.pt")
-    for extra in ({"max_steps": 0}, {"max_steps": 2, "precompute_ref": True}):
+    for extra in ({"steps": 0}, {"steps": 2, "precompute_ref": True}):
         cfg = dpo.DPOConfig(sft=sft, out=str(tmp_path / "o"), device="cpu", **extra)
-        with pytest.raises(dpo.UserError, match="--max-steps > 0 and no --precompute-ref"):
+        with pytest.raises(dpo.UserError, match="--steps > 0 and no --precompute-ref"):
             dpo.train_dpo(cfg, sample_pairs=lambda step, policy: [])
 
 
@@ -204,7 +204,7 @@ if method == "sppo":
 else:
     reward_fn = reward_function(reward_path, "cpu")
     cfg = dpo.DPOConfig(sft=sft, pairs="(online)", out=out, name="online_dpo", batch_size=4, micro_batch_size=2, lr=1e-3,
-                        warmup_steps=1, max_steps=5, append_eot=False, save_interval=1, device="cpu")
+                        warmup_steps=1, steps=5, append_eot=False, save_interval=1, device="cpu")
     dpo.train_dpo(cfg, sample_pairs=lambda step, policy: online.online_pairs(step, policy, prompts, reward_fn, 4, 5, 0))
 """
 

@@ -100,7 +100,7 @@ def test_classifier_learns_a_separable_task_and_reloads_frozen(tmp_path, kind):
     imdb = separable_imdb()
     save_tiny_checkpoint(tmp_path / "sft.pt", tiny_gpt(block_size=16))
     cfg = RewardConfig(kind=kind, sft=str(tmp_path / "sft.pt"), out=str(tmp_path), max_len=16, min_len=4, batch_size=32,
-                       max_steps=100, lr=5e-3 if kind == "ngram" else 2e-3, bits=16, warmup_steps=5, test_reviews=0,
+                       steps=100, lr=5e-3 if kind == "ngram" else 2e-3, bits=16, warmup_steps=5, test_reviews=0,
                        log_interval=40, device="cpu")
     path, accuracy = train_reward(cfg, imdb)
     assert set(accuracy) == {"acc_32", "acc_64", "acc_full"} and accuracy["acc_full"] >= 0.9

@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def sft_args(archive, out, extra=()):
     return [os.path.join(ROOT, "sft.py"), "--preset", "smoke", "--data", archive, "--no-data-verify", "--out", str(out),
-            "--max-steps", "12", "--save-interval", "3", "--log-interval", "1", "--eval-interval", "12",
+            "--steps", "12", "--save-interval", "3", "--log-interval", "1", "--eval-interval", "12",
             "--n-layer", "1", "--n-embd", "32", "--block-size", "32", "--device", "cpu", *extra]
 
 
@@ -90,7 +90,7 @@ def test_same_seed_gives_identical_losses(tmp_path, tiny_imdb):
     logs = []
     for run in ("a", "b"):
         cfg = sft.SFTConfig(out=str(tmp_path / run), n_layer=1, n_embd=32, n_head=2, block_size=32, batch_size=4,
-                            max_steps=5, log_interval=1, eval_interval=5, eval_batches=1, device="cpu", dropout=0.1)
+                            steps=5, log_interval=1, eval_interval=5, eval_batches=1, device="cpu", dropout=0.1)
         sft.train_lm(cfg, stream, imdb["test"].tokens)
         logs.append([row["loss"] for row in read_jsonl(tmp_path / run / "sft_log.jsonl")])
     assert logs[0] == logs[1] and len(set(logs[0])) > 1
@@ -148,7 +148,7 @@ def test_checkpoint_of_another_sft_run_in_out_is_refused_not_reused(tmp_path, ti
     sft_run = sft.SFTConfig(**{**sft.PRESETS["smoke"], "out": str(out)})  # block_size 64, 30 steps
     ckpt = save_tiny_checkpoint(out / "sft.pt")
     finished = torch.load(ckpt, weights_only=True)
-    finished.update(config=dataclasses.asdict(sft_run), run=run_identity(sft_run, sft.RESUME_FIELDS), step=sft_run.max_steps)
+    finished.update(config=dataclasses.asdict(sft_run), run=run_identity(sft_run, sft.RESUME_FIELDS), step=sft_run.steps)
     save_checkpoint(ckpt, finished)
     before = digest(ckpt)
     args = ["--preset", "smoke", "--data", tiny_imdb, "--no-data-verify", "--out", str(out), "--device", "cpu"]
@@ -163,7 +163,7 @@ def test_checkpoint_of_another_sft_run_in_out_is_refused_not_reused(tmp_path, ti
 @pytest.mark.parametrize("config_cls, presets, argv, message", [
     (train.TrainConfig, train.PRESETS, ["--betas", "0.1,0"], "every value of --betas must be finite and > 0"),
     (train.TrainConfig, train.PRESETS, ["--betas", "a,b"], "comma-separated numbers"),
-    (train.TrainConfig, train.PRESETS, ["--dpo-batch-size", "0"], "--dpo-batch-size must be positive"),
+    (train.TrainConfig, train.PRESETS, ["--dpo-batch-size", "0"], "--dpo-batch-size and --dpo-micro-batch-size must be positive"),
     (train.TrainConfig, train.PRESETS, ["--max-new-tokens", "-4"], "--max-new-tokens must be positive"),
     (train.TrainConfig, train.PRESETS, ["--stage", "ppo"], "--stage must be all or one of"),
     (train.TrainConfig, train.PRESETS, ["--methods", "dpo,ppx"], "--methods must be figure2, dpo-family, dpo-offline, dpo-online, all or a comma-separated list of"),
@@ -173,8 +173,8 @@ def test_checkpoint_of_another_sft_run_in_out_is_refused_not_reused(tmp_path, ti
     (train.TrainConfig, train.PRESETS, ["--online-reward", "rm"], "--online-reward must be ground_truth or learned, got 'rm'"),
     (train.TrainConfig, train.PRESETS, ["--rso-accept", "9"], "2 <= --rso-accept <= --rso-candidates"),
     (train.TrainConfig, train.PRESETS, ["--rso-prefixes", "5000"], "0 < --rso-prefixes <= --n-prefixes"),
-    (train.TrainConfig, train.PRESETS, ["--sppo-prompts", "7"], "SPPO trains on 2 x --dpo-batch-size = 32 completions a step"),
-    (train.TrainConfig, train.PRESETS, ["--sppo-eta", "0"], "SPPO needs --sppo-eta, --sppo-iterations and --sppo-prompts > 0"),
+    (train.TrainConfig, train.PRESETS, ["--sppo-prompts-per-iteration", "7"], "must split into batches of --sppo-batch-size 32"),
+    (train.TrainConfig, train.PRESETS, ["--sppo-eta", "0"], "--sppo-eta must be > 0"),
     (dpo.DPOConfig, None, ["--beta", "-0.1"], "--beta must be > 0"),
     (dpo.DPOConfig, None, ["--batch-size", "64", "--micro-batch-size", "48"], "must be a multiple of"),
     (dpo.DPOConfig, None, ["--loss-type", "dop"], "--loss-type must be one of sigmoid, ipo, hinge, kto"),
@@ -213,17 +213,17 @@ def test_scripts_chain_through_their_default_paths(tmp_path, tiny_imdb):
         assert result.returncode == 0, result.stderr[-2000:]
         return result.stdout
 
-    script("sft.py", "--preset", "smoke", "--no-data-verify", "--max-steps", "2")
+    script("sft.py", "--preset", "smoke", "--no-data-verify", "--steps", "2")
     assert "--- sample 3" in script("sample.py")  # no flags at all: out/sft/sft.pt, 4 samples
-    script("reward.py", "--no-data-verify", "--max-steps", "2", "--batch-size", "4", "--test-reviews", "8", "--bits", "16")
+    script("reward.py", "--no-data-verify", "--steps", "2", "--batch-size", "4", "--test-reviews", "8", "--bits", "16")
     assert (tmp_path / "out" / "reward" / "reward.pt").exists()
-    script("reward.py", "--no-data-verify", "--kind", "gpt", "--name", "judge", "--max-steps", "2", "--batch-size", "4",
+    script("reward.py", "--no-data-verify", "--kind", "gpt", "--name", "judge", "--steps", "2", "--batch-size", "4",
            "--test-reviews", "8")  # the trunk classifier starts from out/sft/sft.pt
     assert (tmp_path / "out" / "reward" / "judge.pt").exists()
     with open(tmp_path / "pairs.jsonl", "w") as f:
         for i in range(4):
             f.write(json.dumps({"prompt": f"Review {i}:", "chosen": " a delight.", "rejected": " a bore."}) + "\n")
-    script("dpo.py", "--pairs", "pairs.jsonl", "--max-steps", "2", "--batch-size", "2", "--micro-batch-size", "2")
+    script("dpo.py", "--pairs", "pairs.jsonl", "--steps", "2", "--batch-size", "2", "--micro-batch-size", "2")
     assert "--- sample 0" in script("sample.py", "--ckpt", os.path.join("out", "dpo", "dpo.pt"), "--n", "1")
 
 
@@ -231,7 +231,7 @@ def test_scripts_chain_through_their_default_paths(tmp_path, tiny_imdb):
 # Bad input -> exit code 2, one line on stderr, no traceback, and every earlier output byte-identical.
 # Checked against a finished (very short) smoke run of train.py.
 SHORT = ["--preset", "smoke", "--no-data-verify", "--device", "cpu", "--sft-steps", "4", "--reward-steps", "4", "--judge-steps", "4",
-         "--dpo-steps", "2", "--pft-steps", "2", "--betas", "0.1", "--eval-interval", "2"]
+         "--dpo-steps", "2", "--pft-steps", "2", "--betas", "0.1", "--dpo-eval-interval", "2"]
 
 
 def train_py(args, cwd, **kwargs):
@@ -305,6 +305,18 @@ def test_a_broken_run_file_is_one_line_naming_it(finished_run, damage, message):
         (out / name).write_bytes(good)
 
 
+def test_a_damaged_stage_times_json_is_said_before_a_changed_setting_removes_anything(finished_run):
+    out, args = finished_run
+    good = (out / "stage_times.json").read_bytes()
+    (out / "stage_times.json").write_bytes(b'"x"')
+    try:
+        before = snapshot(out)
+        assert_one_line_error(train_py(args + ["--dpo-steps", "3"], out.parent), "stage_times.json is JSON but not a table")
+        assert snapshot(out) == before  # dpo_beta0.1, made with --dpo-steps 2, is still there
+    finally:
+        (out / "stage_times.json").write_bytes(good)
+
+
 def test_out_that_is_a_file_or_under_a_file_is_refused(finished_run):
     out, args = finished_run
     for bad in (out / "sft.pt", out / "sft.pt" / "run"):
@@ -338,16 +350,16 @@ def test_a_changed_setting_redoes_exactly_what_depends_on_it(finished_run, tmp_p
     assert result.returncode == 0, result.stderr[-2000:]
     for name in ("sft", "reward", "pairs", "sft_point", "preferred_ft"):
         assert f"=== {name}: done already with these settings" in result.stdout
-    assert "dpo_beta0.1 was made with other settings (dpo_lr 0.0001 -> 0.01): redoing it" in result.stdout
+    assert "dpo_beta0.1 was made with other settings (dpo.lr 0.0001 -> 0.01): redoing it" in result.stdout
     new_dpo = [r for r in read_jsonl(run / "results.jsonl") if r["method"] == "DPO" and r["step"] == 2]
     assert len(new_dpo) == 1 and new_dpo[0]["kl"] != old_dpo[0]["kl"]
-    assert json.loads((run / "settings.json").read_text())["dpo_beta0.1"]["settings"]["dpo_lr"] == 0.01
+    assert json.loads((run / "settings.json").read_text())["records"]["dpo_beta0.1"]["settings"]["dpo.lr"] == 0.01
     # the judge only evaluates: a change to it redoes the judge and the evaluations, never the pairs
     result = train_py(args + ["--dpo-lr", "0.01", "--judge-steps", "5"], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     for name in ("sft", "reward", "pairs"):
         assert f"=== {name}: done already with these settings" in result.stdout
-    assert "judge was made with other settings (judge_steps 4 -> 5)" in result.stdout
+    assert "judge was made with other settings (judge.steps 4 -> 5)" in result.stdout
     assert "done already" not in result.stdout.split("=== judge")[1]
     # an upstream change (the pairs) redoes the pairs and removes every method made from the old ones:
     # the methods chosen run again, and the others leave no result and no time behind
@@ -364,7 +376,7 @@ def test_a_changed_setting_redoes_exactly_what_depends_on_it(finished_run, tmp_p
 
 
 def test_ctrl_c_stops_with_one_line_saying_how_to_continue(tmp_path, tiny_imdb):
-    proc = subprocess.Popen([sys.executable] + sft_args(tiny_imdb, tmp_path / "run", ["--max-steps", "100000"]),
+    proc = subprocess.Popen([sys.executable] + sft_args(tiny_imdb, tmp_path / "run", ["--steps", "100000"]),
                             cwd=tmp_path, env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,  # a shell's background job ignores SIGINT: undo that
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -444,17 +456,37 @@ def test_a_checkpoint_with_a_junk_model_config_is_refused_naming_it(tmp_path, ju
         load_model(path)
 
 
+@pytest.mark.parametrize("huge", [{"n_layer": 100_000}, {"n_embd": 2 ** 20, "n_head": 1}, {"vocab_size": 10 ** 12}], ids=str)
+def test_a_model_config_far_larger_than_its_weights_is_refused_before_allocating(tmp_path, huge):
+    """Built as written, each config would need terabytes; the file holds a tiny model's weights."""
+    path = save_tiny_checkpoint(tmp_path / "sft.pt")
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["model_config"].update(huge)
+    save_checkpoint(path, ckpt)
+    with pytest.raises(UserError, match=r"sft.pt holds a model_config of at least [\d,]+ parameters but weights of only"):
+        load_model(path)
+
+
+def test_an_ngram_config_larger_than_its_table_is_refused(tmp_path):
+    from reward import NgramClassifier, NgramConfig, load_classifier
+    model = NgramClassifier(NgramConfig(bits=10))
+    torch.save({"kind": "reward", "classifier": "ngram", "model": model.state_dict(),
+                "model_config": {"order": 4, "bits": 28}}, tmp_path / "reward.pt")
+    with pytest.raises(UserError, match="reward.pt holds a model_config of at least 268,435,456 parameters"):
+        load_classifier(str(tmp_path / "reward.pt"))
+
+
 def test_dpo_refuses_to_resume_after_the_pairs_file_changed(tmp_path):
     sft_path = save_tiny_checkpoint(tmp_path / "sft.pt", tiny_gpt(seed=0))
     pairs = tmp_path / "pairs.jsonl"
     row = {"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4], "prompt": "a", "chosen": "b", "rejected": "c"}
     pairs.write_text(json.dumps(row) + "\n")
     cfg = dpo.DPOConfig(sft=sft_path, pairs=str(pairs), out=str(tmp_path / "dpo"), batch_size=1, micro_batch_size=1,
-                        max_steps=2, save_interval=1, max_length=16, device="cpu")
+                        steps=2, save_interval=1, max_length=16, device="cpu")
     dpo.train_dpo(cfg)
     pairs.write_text(json.dumps({**row, "chosen_ids": [5]}) + "\n")  # the same path, other pairs
     with pytest.raises(UserError, match="belongs to a run with different settings.*pairs: sha256:"):
-        dpo.train_dpo(dataclasses.replace(cfg, max_steps=3))
+        dpo.train_dpo(dataclasses.replace(cfg, steps=3))
 
 
 # ---------------------------------------------------------------------------- a run folder is data, never instructions
@@ -533,7 +565,7 @@ def test_an_evaluation_row_missing_a_number_is_a_one_line_error_naming_its_line(
 @pytest.mark.parametrize("flags, says", [(["--ppo-epochs", "0"], "--ppo-epochs must be positive"),
                                          (["--ppo-eval-interval", "0"], "--ppo-eval-interval must be positive"),
                                          (["--kto-beta", "-1"], "--kto-beta"), (["--ipo-beta", "0"], "--ipo-beta"),
-                                         (["--orpo-lambda", "-1"], "--orpo-lambda must be >= 0")])
+                                         (["--orpo-lam", "-1"], "--orpo-lam must be >= 0")])
 def test_train_py_errors_name_the_flag_the_user_typed(flags, says, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         parse_config(train.TrainConfig, ["--out", str(tmp_path)] + flags, presets=train.PRESETS, default_preset="smoke")

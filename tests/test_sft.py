@@ -19,7 +19,7 @@ STREAM = np.tile(PATTERN, 400)  # a token stream with 6 distinct tokens, each al
 
 
 def tiny_config(out, **overrides):
-    values = dict(out=str(out), n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, max_steps=6,
+    values = dict(out=str(out), n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, steps=6,
                   warmup_steps=2, lr=3e-2, min_lr=3e-3, log_interval=1, eval_interval=1000, eval_batches=1,
                   save_interval=3, seed=0, device="cpu", compile=False)
     values.update(overrides)
@@ -41,7 +41,7 @@ def float64_loss(model, tokens, length=16):
 
 
 def test_sft_lowers_the_next_token_loss_from_uniform(tmp_path):
-    cfg = tiny_config(tmp_path, max_steps=15, save_interval=15)
+    cfg = tiny_config(tmp_path, steps=15, save_interval=15)
     path = sft.train_lm(cfg, STREAM, STREAM)
     log = read_log(tmp_path)
     assert [row["step"] for row in log] == list(range(1, 16))
@@ -107,7 +107,7 @@ def test_resumed_run_ends_exactly_where_the_uninterrupted_run_ends(uninterrupted
     np.testing.assert_allclose([r["loss"] for r in log_b], [r["loss"] for r in log_a], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("change", [dict(n_embd=32), dict(lr=1e-2), dict(max_steps=9)], ids=lambda c: next(iter(c)))
+@pytest.mark.parametrize("change", [dict(n_embd=32), dict(lr=1e-2), dict(steps=9)], ids=lambda c: next(iter(c)))
 def test_resuming_with_a_different_config_raises_user_error(uninterrupted, change):
     before = (uninterrupted / "sft.pt").read_bytes()
     with pytest.raises(UserError, match=f"different settings.*{next(iter(change))}"):
@@ -148,14 +148,14 @@ def test_token_stream_shorter_than_one_window_raises_user_error(tmp_path):
 def test_preset_then_flags_set_the_config():
     cfg = parse_config(sft.SFTConfig, ["--preset", "smoke", "--lr", "0.01", "--no-compile", "--data", "x.tar.gz"],
                        presets=sft.PRESETS)
-    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.batch_size, cfg.max_steps) == (2, 2, 64, 64, 8, 30)
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.batch_size, cfg.steps) == (2, 2, 64, 64, 8, 30)
     assert cfg.lr == 0.01 and cfg.compile is False and cfg.data == "x.tar.gz"
     assert cfg.weight_decay == 0.1  # neither preset nor flag: the dataclass default
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--batch-size", "0"], "--batch-size must be positive"),
-    (["--preset", "smoke", "--max-steps", "-5"], "--max-steps must be positive"),
+    (["--preset", "smoke", "--steps", "-5"], "--steps must be positive"),
     (["--n-embd", "30", "--n-head", "4"], "divisible"),
     (["--min-lr", "0.1", "--lr", "0.01"], "--min-lr"),
     (["--preset", "enormous"], "invalid choice"),

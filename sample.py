@@ -201,11 +201,13 @@ def main():
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     prompt = enc.encode_ordinary(cfg.prompt)
     t0 = time.time()
-    completions = generate(model, [prompt] * cfg.n, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
-                           generator=generator, batch_size=cfg.batch_size)
-    for i, c in enumerate(completions):
-        print(f"--- sample {i}\n{cfg.prompt}{enc.decode(c)}")
-    n_tokens = sum(len(c) for c in completions)
+    n_tokens = 0
+    for start in range(0, cfg.n, cfg.batch_size):  # printed batch by batch: memory does not grow with --n
+        completions = generate(model, [prompt] * min(cfg.batch_size, cfg.n - start), cfg.max_new_tokens, cfg.temperature,
+                               cfg.top_k, cfg.top_p, generator=generator)
+        for i, c in enumerate(completions, start):
+            print(f"--- sample {i}\n{cfg.prompt}{enc.decode(c)}", flush=True)
+        n_tokens += sum(len(c) for c in completions)
     print(f"--- {n_tokens} tokens in {time.time() - t0:.2f}s on {device}")
 
 

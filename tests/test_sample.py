@@ -7,7 +7,7 @@ import torch
 
 import sample
 from cli import UserError
-from conftest import sharp_gpt, tiny_gpt
+from conftest import save_tiny_checkpoint, sharp_gpt, tiny_gpt
 from data import EOT
 from model import left_pad
 
@@ -256,3 +256,15 @@ def test_buckets_are_few_and_never_smaller_than_the_batch():
     assert [sample.batch_bucket(n) for n in (1, 8, 9, 16, 17, 256, 257, 1000, 1024)] == [8, 8, 16, 16, 32, 256, 512, 1024, 1024]
     assert sample.width_bucket(3, 48, 256) == 8 and sample.width_bucket(9, 48, 256) == 16
     assert sample.width_bucket(7, 10, 16) == 7 and sample.width_bucket(5, 10, 16) == 6  # never past the context
+
+
+def test_sample_py_draws_and_prints_n_in_batches_so_memory_does_not_grow_with_n(tmp_path, monkeypatch, capsys):
+    ckpt = save_tiny_checkpoint(tmp_path / "sft.pt")
+    sizes = []
+    real = sample.generate
+    monkeypatch.setattr(sample, "generate", lambda model, prompts, *a, **k: sizes.append(len(prompts)) or real(model, prompts, *a, **k))
+    monkeypatch.setattr("sys.argv", ["sample.py", "--ckpt", ckpt, "--n", "5", "--batch-size", "2", "--max-new-tokens", "3",
+                                     "--device", "cpu"])
+    sample.main()
+    out = capsys.readouterr().out
+    assert sizes == [2, 2, 1] and [f"--- sample {i}\n" in out for i in range(6)] == [True] * 5 + [False]

@@ -9,7 +9,7 @@ It trains on the training pairs; its accuracy on held-out pairs, measured as it 
 weights that are kept. PPO (ppo.py) maximises it; Best-of-N selects with it. DPO needs none of
 this: by Eq. 5 the policy is its own reward model, and train.py reports both accuracies side by side.
 
-    python bradley_terry.py --pairs out/pairs.jsonl --heldout out/heldout_pairs.jsonl   # -> out/rm/rm.pt
+    python bradley_terry.py --pairs my_pairs.jsonl --heldout my_heldout.jsonl --out out/my_rm   # -> out/my_rm/rm.pt
 """
 import copy
 import os
@@ -57,10 +57,10 @@ def pair_accuracy(model, pairs, batch_size=256):
 
 @dataclass
 class BradleyTerryConfig:
-    sft: str = field(default="out/sft/sft.pt", metadata={"help": "SFT checkpoint whose trunk starts the reward model"})
+    sft: str = field(default="out/sft.pt", metadata={"help": "SFT checkpoint whose trunk starts the reward model"})
     pairs: str = field(default="out/pairs.jsonl", metadata={"help": "training preference JSONL (prompt, chosen, rejected)"})
     heldout: str = field(default="out/heldout_pairs.jsonl", metadata={"help": "held-out preference JSONL: picks the weights kept"})
-    out: str = field(default="out/rm", metadata={"help": "run folder"})
+    out: str = field(default="out", metadata={"help": "run folder (OUT/NAME.pt: out/rm.pt, where train.py writes it)"})
     name: str = field(default="rm", metadata={"help": "OUT/NAME.pt, OUT/NAME_log.jsonl"})
     epochs: float = field(default=2.0, metadata={"help": "passes over the training pairs"})
     batch_size: int = field(default=32, metadata={"help": "pairs per step"})

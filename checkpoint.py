@@ -18,6 +18,7 @@ import torch
 from cli import UserError
 from device import barrier, is_main, print0
 from model import GPT, GPTConfig
+from pretrained import GPT2_SIZES, load_gpt2
 
 
 # ---------------------------------------------------------------------------- files
@@ -81,9 +82,9 @@ def write_jsonl(path, rows):
         atomic_write(path, lambda f: f.write("".join(json.dumps(row) + "\n" for row in rows).encode()))
 
 
-def append_jsonl(path, row):
-    """One row at the end of a log (rank 0): logs grow line by line as a run goes. A torn last line
-    (a kill in the middle of an append) is cut off first, so it never fuses with the new row."""
+def append_jsonl(path, *rows):
+    """Rows at the end of a log (rank 0), in one write: logs grow line by line as a run goes. A torn last
+    line (a kill in the middle of an append) is cut off first, so it never fuses with a new row."""
     if is_main():
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(path, "ab+") as f:
@@ -93,7 +94,7 @@ def append_jsonl(path, row):
                 tail = f.read()
                 if not tail.endswith(b"\n"):
                     f.truncate(size - len(tail) + tail.rfind(b"\n") + 1)  # rfind -1 -> the whole (one-line) tail
-            f.write((json.dumps(row) + "\n").encode())
+            f.write("".join(json.dumps(row) + "\n" for row in rows).encode())
 
 
 def read_jsonl(path, valid=None, what="a row this project writes there"):
@@ -143,7 +144,21 @@ def load_checkpoint(path, kind=None):
 
 
 def load_model(path, kinds=("sft", "dpo", "ppo", "sppo"), dropout=0.0):
-    """A GPT from one of our checkpoints (sft, dpo, ppo or sppo by default), on the CPU, dropout off by default."""
+    """A GPT on the CPU, dropout off by default: the model of one of our checkpoints (sft, dpo, ppo or sppo
+    by default), or GPT-2 weights (pretrained.load_gpt2): a published name (gpt2 ... gpt2-xl), a folder
+    written by save_pretrained or a .safetensors file, whose vocabulary must cover GPT-2's tokenizer."""
+    if path in GPT2_SIZES or os.path.isdir(path) or path.endswith(".safetensors"):
+        try:
+            model = load_gpt2(path, dropout=dropout)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        if model.config.vocab_size < GPTConfig.vocab_size:  # every id of GPT-2's tokenizer needs an embedding row
+            raise UserError(f"{path}: its vocabulary has {model.config.vocab_size} tokens, fewer than the 50,257 of "
+                            f"GPT-2's tokenizer, which this project uses; pass a model trained with GPT-2's BPE")
+        return model
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint not found: {path}; pass one of this project's checkpoints (.pt), a save_pretrained "
+                        f"GPT-2 folder, a .safetensors file or a published GPT-2 name ({', '.join(GPT2_SIZES)})")
     ckpt = load_checkpoint(path)
     if ckpt.get("kind") not in kinds:
         raise UserError(f"{path} holds a {ckpt.get('kind')!r} checkpoint; expected one of {', '.join(kinds)}")

@@ -43,7 +43,8 @@ class Parser(argparse.ArgumentParser):
 def parse_config(config_cls, argv=None, presets=None, default_preset=None, description=None):
     """argparse generated from a config dataclass: one --flag per field, defaults shown in --help.
     A field that is itself a config (a section: train.py's `dpo: DPOConfig`) gives one --SECTION-FIELD
-    flag per field of its own, in a group of --help, except the fields its metadata marks "fixed"
+    flag per field of its own (those marked "train_py" included, which have no flag in the file's own script),
+    in a group of --help, except the fields its metadata marks "fixed"
     (the paths and shared settings the composing script fills in); a section marked "flat" gives
     --FIELD flags, its fields' names being whole flag names already (train.py's family: --simpo-gamma).
     A preset is a dict of overrides,
@@ -55,6 +56,8 @@ def parse_config(config_cls, argv=None, presets=None, default_preset=None, descr
                             help="a named set of overrides (default: by device)")
     sections = {}
     for f in dataclasses.fields(config_cls):
+        if f.metadata.get("train_py"):  # read only by train.py's evaluation (--dpo-eval-interval): no flag alone
+            continue
         if section_of(f) is None:
             add_flag(parser, f.name, f, f.default, presets)
             continue

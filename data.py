@@ -13,7 +13,6 @@ import os
 import sys
 import tarfile
 import time
-import urllib.request
 import zlib
 from dataclasses import dataclass
 
@@ -22,6 +21,7 @@ import tiktoken
 
 from checkpoint import atomic_write
 from cli import UserError
+from download import download
 
 IMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
 IMDB_BYTES = 84_125_825
@@ -45,6 +45,42 @@ def get_encoding():
                         f"or point TIKTOKEN_CACHE_DIR at a folder that holds it") from None
 
 
+# ---------------------------------------------------------------------------- GPT-2's tokenizer files
+def byte_to_unicode():
+    """GPT-2's printable stand-in for each byte in vocab.json and merges.txt: the printable Latin-1
+    bytes stand for themselves, the other 68 take the code points from 256 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def bpe_parts(token, ranks):
+    """The two tokens BPE merged into `token` (bytes): replay the merges of lower rank on its bytes,
+    lowest rank first, as tiktoken encodes; what is left is the last merge's pair."""
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 2:
+        pairs = [(ranks.get(a + b, len(ranks)), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+        rank, i = min(pairs)
+        if rank >= ranks[token]:
+            raise ValueError(f"token {token!r} is not a merge of two tokens of lower rank")
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
+def tokenizer_files(encoding):
+    """vocab.json {token string: id} and merges.txt (one "a b" pair a line, in rank order) of a tiktoken
+    BPE whose ranks are the ids (GPT-2's r50k_base)."""
+    ranks, to_text = encoding._mergeable_ranks, byte_to_unicode()
+
+    def text(token):
+        return "".join(to_text[b] for b in token)
+    vocab = {text(token): rank for token, rank in ranks.items()}
+    vocab.update(encoding._special_tokens)  # <|endoftext|>: 50256
+    merges = [" ".join(text(part) for part in bpe_parts(token, ranks))
+              for token, _ in sorted(ranks.items(), key=lambda item: item[1]) if len(token) > 1]
+    return vocab, "#version: 0.2\n" + "\n".join(merges) + "\n"
+
+
 def clean(text):
     return text.replace("<br />", "\n").replace("<br/>", "\n").replace("<br>", "\n").strip()
 
@@ -66,31 +102,9 @@ def find_archive(path=None):
 
 
 def download_archive(dest, url=IMDB_URL):
-    """Download to dest.part with a progress line, check size and sha256, then rename into place."""
-    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
-    part = dest + ".part"
-    sha, done, t0 = hashlib.sha256(), 0, time.time()
-    try:
-        with urllib.request.urlopen(url, timeout=30) as response, open(part, "wb") as f:
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-                sha.update(chunk)
-                done += len(chunk)
-                rate = done / max(time.time() - t0, 1e-9)
-                eta = (IMDB_BYTES - done) / max(rate, 1)
-                print(f"\rdownloading IMDb: {done / 1e6:.1f}/{IMDB_BYTES / 1e6:.1f} MB | {rate / 1e6:.1f} MB/s | eta {eta:.0f}s",
-                      end="", file=sys.stderr, flush=True)
-        print(file=sys.stderr)
-    except OSError as e:
-        if os.path.exists(part):
-            os.remove(part)
-        raise DataError(f"could not download the IMDb archive from {url} ({e}). If this machine is offline, "
-                        f"copy aclImdb_v1.tar.gz here and pass --data PATH or set IMDB_ARCHIVE=PATH") from None
-    if done != IMDB_BYTES or sha.hexdigest() != IMDB_SHA256:
-        os.remove(part)
-        raise DataError(f"the download from {url} is damaged ({done} bytes, sha256 {sha.hexdigest()}; expected "
-                        f"{IMDB_BYTES} bytes, sha256 {IMDB_SHA256}); run again, or fetch it by hand and pass --data PATH")
-    os.replace(part, dest)
+    """The IMDb archive from Stanford to dest, its size and sha256 checked (download.download)."""
+    download(url, dest, "the IMDb archive", IMDB_BYTES, IMDB_SHA256,
+             by_hand="if this machine is offline, copy aclImdb_v1.tar.gz here and pass --data PATH or set IMDB_ARCHIVE=PATH")
 
 
 # ---------------------------------------------------------------------------- reading reviews

@@ -9,9 +9,9 @@ Put into Bradley-Terry (Eq. 1)   p(y_w > y_l | x) = sigma(r(x, y_w) - r(x, y_l))
 and maximum likelihood over preference pairs is the DPO loss (Eq. 7):
     L = -log sigma(beta * log(pi(y_w|x)/pi_ref(y_w|x)) - beta * log(pi(y_l|x)/pi_ref(y_l|x))).
 
-    python dpo.py --pairs my_pairs.jsonl              # after python sft.py: out/sft/sft.pt -> out/dpo/dpo.pt
+    python dpo.py --pairs my_pairs.jsonl              # after python sft.py or train.py: out/sft.pt -> out/dpo/dpo.pt
+    python dpo.py --sft gpt2 --pairs my_pairs.jsonl   # from GPT-2's weights (a published name or a save_pretrained folder)
 """
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -23,10 +23,11 @@ from einops import rearrange
 
 from checkpoint import load_model, resume, save_checkpoint, training_checkpoint
 from cli import UserError, check, parse_config, run_main
-from data import EOT, get_encoding
+from data import EOT
 from device import autocast, check_divisible, data_parallel, local_slice, print0, setup_device
 from logprobs import response_token_logps, sequence_logps
 from optim import add_metrics, adamw, apply_gradients, batch_indices, linear_warmup
+from preferences import PreferencePair, read_pairs
 from progress import Progress
 
 # a checkpoint continues only the run these settings define
@@ -205,81 +206,7 @@ def preference_losses(cfg, token_logps, mask, reference_logps=None):
     return losses, metrics
 
 
-# ---------------------------------------------------------------------------- preference data
-@dataclass
-class PreferencePair:
-    prompt: list  # token ids
-    chosen: list
-    rejected: list
-
-
-def read_pairs(path, max_length, skip_bad=False):
-    """Preference JSONL: one {"prompt", "chosen", "rejected"} object a line (texts; optional
-    "prompt_ids"/"chosen_ids"/"rejected_ids" give exact token ids and take precedence).
-    Prompt and responses are tokenized separately and concatenated, so no BPE merge crosses the
-    boundary. A bad line (not UTF-8 included) stops with file:line and the problem, or is skipped
-    and counted when skip_bad."""
-    try:
-        with open(path, "rb") as f:  # bytes: each line is decoded on its own, so a bad byte is a bad line
-            lines = f.readlines()
-    except OSError as e:  # missing, a folder, no permission
-        raise UserError(f"cannot read the preference file {path} ({e.strerror}); pass --pairs PATH of a JSONL "
-                        f"file, one {{\"prompt\", \"chosen\", \"rejected\"}} object a line") from None
-    enc = get_encoding()
-    pairs, skipped = [], []
-    for line_no, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            pairs.append(_parse_pair(line, enc, max_length))
-        except ValueError as e:
-            if not skip_bad:
-                raise UserError(f"{path}:{line_no}: {e} (pass --skip-bad-lines to skip such lines)") from None
-            skipped.append(line_no)
-    if skipped:
-        print0(f"skipped {len(skipped)} bad lines of {path} (first: {skipped[:10]})")
-    if not pairs:
-        raise UserError(f"{path} holds no usable preference pairs")
-    return pairs
-
-
-def _parse_pair(line, enc, max_length):
-    """One line (bytes) -> PreferencePair; ValueError saying what is wrong with it."""
-    limit = max(1 << 20, 3 * 64 * max_length)  # 64 bytes a token for each of prompt, chosen and rejected, or 1 MiB
-    if len(line) > limit:  # refused by its size, before any time goes into tokenizing it
-        raise ValueError(f"the line is {len(line):,} bytes, more than {limit:,}: far longer than a prompt and two "
-                         f"responses of at most {max_length} tokens each")
-    try:
-        record = json.loads(line.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise ValueError(f"not UTF-8 text (byte {line[e.start]:#04x} at column {e.start + 1}); save the file as UTF-8") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"malformed JSON ({e.msg})") from None
-    if not isinstance(record, dict):
-        raise ValueError("each line must be a JSON object with prompt, chosen and rejected")
-    parts = {}
-    for key in ("prompt", "chosen", "rejected"):
-        if f"{key}_ids" in record:
-            ids = record[f"{key}_ids"]
-            if not (isinstance(ids, list) and all(type(i) is int and 0 <= i <= EOT for i in ids)):
-                raise ValueError(f"'{key}_ids' must be a list of token ids in [0, {EOT}]")
-        elif key in record:
-            if not isinstance(record[key], str):
-                raise ValueError(f"'{key}' must be a string")
-            ids = enc.encode_ordinary(record[key])
-        else:
-            raise ValueError(f"missing key '{key}'")
-        if not ids:
-            raise ValueError(f"'{key}' is empty")
-        parts[key] = ids
-    if parts["chosen"] == parts["rejected"]:
-        raise ValueError("chosen and rejected are the same response")
-    if len(parts["prompt"]) + 2 > max_length:  # room for at least one response token and end-of-text
-        raise ValueError(f"the prompt has {len(parts['prompt'])} tokens; with a response it exceeds the "
-                         f"maximum length of {max_length} (raise --max-length up to the model's context)")
-    return PreferencePair(parts["prompt"], parts["chosen"], parts["rejected"])
-
-
+# ---------------------------------------------------------------------------- a batch of pairs
 def collate(pairs, max_length, device="cpu", append_eot=True):
     """2B right-padded rows [chosen_0..chosen_B-1, rejected_0..rejected_B-1] of prompt + response + EOT.
     The prompt is kept whole; a response too long is cut to fit max_length (its EOT is kept).
@@ -340,7 +267,7 @@ def precompute_reference_logps(reference, pairs, batch_size, max_length, device,
 # ---------------------------------------------------------------------------- the trainer
 @dataclass
 class DPOConfig:
-    sft: str = field(default="out/sft/sft.pt", metadata={"help": "SFT checkpoint: the initial policy and the reference (default: where sft.py writes)"})
+    sft: str = field(default="out/sft.pt", metadata={"help": "SFT checkpoint or GPT-2 weights (a save_pretrained folder, a published name): the initial policy and the reference"})
     pairs: str = field(default="out/pairs.jsonl", metadata={"help": "preference JSONL (prompt, chosen, rejected)"})
     out: str = field(default="out/dpo", metadata={"help": "run folder for checkpoint and log"})
     name: str = field(default="dpo", metadata={"help": "checkpoint is OUT/NAME.pt, log OUT/NAME_log.jsonl"})
@@ -366,7 +293,7 @@ class DPOConfig:
     precompute_ref: bool = field(default=False, metadata={"help": "compute reference log-probs once; free the reference model"})
     skip_bad_lines: bool = field(default=False, metadata={"help": "skip (and count) bad preference lines instead of stopping"})
     log_interval: int = field(default=10, metadata={"help": "steps between progress lines"})
-    eval_interval: int = field(default=100, metadata={"help": "steps between evaluations"})
+    eval_interval: int = field(default=100, metadata={"help": "steps between evaluations", "train_py": True})
     save_interval: int = field(default=500, metadata={"help": "steps between checkpoints"})
     seed: int = field(default=0, metadata={"help": "random seed (data order)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})

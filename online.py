@@ -75,7 +75,7 @@ def win_rates(rewards):
 
 @dataclass
 class SPPOConfig:
-    sft: str = field(default="out/sft/sft.pt", metadata={"help": "SFT checkpoint: pi_0"})
+    sft: str = field(default="out/sft.pt", metadata={"help": "SFT checkpoint: pi_0"})
     reward: str = field(default="out/reward.pt", metadata={"help": "classifier checkpoint whose logit is r in sigma(r(y) - r(y'))"})
     out: str = field(default="out/sppo", metadata={"help": "run folder for checkpoint and log"})
     name: str = field(default="sppo", metadata={"help": "checkpoint is OUT/NAME.pt, log OUT/NAME_log.jsonl"})

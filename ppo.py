@@ -18,7 +18,7 @@ learned from the pairs (bradley_terry.py), or for PPO-GT the ground truth. One s
   6. beta_KL    moves toward the value that holds the measured KL at a target (Ziegler et al. 2019),
                 or stays fixed (target_kl 0)
 
-    python ppo.py --reward out/rm/rm.pt      # after sft.py and bradley_terry.py -> out/ppo/ppo.pt
+    python ppo.py                            # after python train.py: out/sft.pt, out/rm.pt -> out/ppo/ppo.pt
 """
 import math
 import os
@@ -131,8 +131,8 @@ def response_values(critic, ids, mask, length):
 # ---------------------------------------------------------------------------- the trainer
 @dataclass
 class PPOConfig:
-    sft: str = field(default="out/sft/sft.pt", metadata={"help": "SFT checkpoint: initial policy, reference and critic trunk"})
-    reward: str = field(default="out/rm/rm.pt", metadata={"help": "reward checkpoint: a Bradley-Terry model (PPO) or the ground truth (PPO-GT)"})
+    sft: str = field(default="out/sft.pt", metadata={"help": "SFT checkpoint: initial policy, reference and critic trunk"})
+    reward: str = field(default="out/rm.pt", metadata={"help": "reward checkpoint: a Bradley-Terry model (PPO) or the ground truth (PPO-GT)"})
     out: str = field(default="out/ppo", metadata={"help": "run folder for checkpoint and log"})
     name: str = field(default="ppo", metadata={"help": "checkpoint is OUT/NAME.pt, log OUT/NAME_log.jsonl"})
     data: str = field(default=None, metadata={"help": "IMDb archive or aclImdb/ folder, for the prompts (python ppo.py only)"})
@@ -155,7 +155,7 @@ class PPOConfig:
     value_clip: float = field(default=0.2, metadata={"help": "value clip range"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip each model's gradient norm (0 = off)"})
     norm_samples: int = field(default=256, metadata={"help": "samples of the initial policy that set the reward's mean and std"})
-    eval_interval: int = field(default=10, metadata={"help": "steps between evaluations"})
+    eval_interval: int = field(default=10, metadata={"help": "steps between evaluations", "train_py": True})
     save_interval: int = field(default=10, metadata={"help": "steps between checkpoints"})
     seed: int = field(default=0, metadata={"help": "random seed (prompts, samples, minibatches)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})

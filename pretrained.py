@@ -10,12 +10,13 @@ by name, transposing GPT-2's Conv1D weights.
 """
 import json
 import math
+import mmap
 import os
 import struct
-import urllib.request
 
 import torch
 
+from download import download
 from model import GPT, GPTConfig
 
 
@@ -38,7 +39,6 @@ def load_gpt2(name_or_path, dropout=0.0):
         if name not in tensors:
             raise ValueError(f"{path} does not hold GPT-2 weights (no '{name}' tensor)")
     model = GPT(GPTConfig(**gpt2_sizes(path, tensors), dropout=dropout))
-    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
     ours = {k.removeprefix("transformer."): v for k, v in model.state_dict().items() if k != "lm_head.weight"}
     if set(ours) != set(tensors):
         missing, extra = sorted(set(ours) - set(tensors)), sorted(set(tensors) - set(ours))
@@ -46,13 +46,15 @@ def load_gpt2(name_or_path, dropout=0.0):
     with torch.no_grad():
         for name, param in ours.items():
             src = tensors[name]
-            if name.endswith(conv1d):  # GPT-2 stores these as Conv1D (in, out); nn.Linear wants (out, in)
+            if name.endswith(CONV1D):  # GPT-2 stores these as Conv1D (in, out); nn.Linear wants (out, in)
                 src = src.t()
             if src.shape != param.shape:
                 raise ValueError(f"{path}: {name} has shape {tuple(src.shape)}, expected {tuple(param.shape)}")
             param.copy_(src)
     return model
 
+
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # stored (in, out)
 
 GPT2_SIZES = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
@@ -126,29 +128,35 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.
 def read_safetensors(path):
     """The safetensors format: 8-byte little-endian header length, a JSON header
     {name: {dtype, shape, data_offsets}}, then the raw little-endian tensor bytes. The whole header is
-    checked before any tensor is read: a damaged file raises ValueError instead of loading wrong bytes."""
+    checked before any tensor is read: a damaged file raises ValueError instead of loading wrong bytes.
+    The file is mapped, not read: each float32 tensor is a view of its pages (copy on write), which are
+    read when the weights are copied into a model, so loading gpt2-xl takes about one copy of its weights.
+    Copy them before the file could change: every writer here writes a new file and renames it over."""
     try:
+        size = os.path.getsize(path)
         with open(path, "rb") as f:
-            raw = f.read()
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError(f"{path} is not a safetensors file (only {len(head)} bytes)")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > size - 8:
+                raise ValueError(f"{path} is not a safetensors file or is truncated (header length {header_len} exceeds "
+                                 f"the file's {size} bytes); download or save it again")
+            raw_header = f.read(header_len)
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     except OSError as e:
         raise ValueError(f"{path} cannot be read ({e.strerror}); pass a .safetensors file") from None
-    if len(raw) < 8:
-        raise ValueError(f"{path} is not a safetensors file (only {len(raw)} bytes)")
-    (header_len,) = struct.unpack("<Q", raw[:8])
-    if header_len > len(raw) - 8:
-        raise ValueError(f"{path} is not a safetensors file or is truncated (header length {header_len} exceeds "
-                         f"the file's {len(raw)} bytes); download or save it again")
     try:
-        header = json.loads(raw[8:8 + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not a safetensors file (bad header: {e})") from None
+        header = json.loads(raw_header)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{path} is not a safetensors file (bad header: {str(e)[:100]})") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path} is not a safetensors file (its header is a JSON {type(header).__name__}, "
                          f"not an object); pass a .safetensors file")
-    data = memoryview(raw)[8 + header_len:]
+    data_start, data_len = 8 + header_len, size - 8 - header_len
     entries = {name: info for name, info in header.items() if name != "__metadata__"}
     for name, info in entries.items():
-        check_safetensors_entry(path, name, info, len(data))
+        check_safetensors_entry(path, name, info, data_len)
     spans = sorted((*info["data_offsets"], name) for name, info in entries.items())
     for (_, end, name), (begin, _, other) in zip(spans, spans[1:]):
         if begin < end:  # else one tensor's bytes would load as another's
@@ -157,9 +165,26 @@ def read_safetensors(path):
     tensors = {}
     for name, info in entries.items():
         (begin, end), dtype = info["data_offsets"], SAFETENSORS_DTYPES[info["dtype"]]
-        flat = torch.frombuffer(bytearray(data[begin:end]), dtype=dtype) if end > begin else torch.empty(0, dtype=dtype)
+        count = (end - begin) // dtype.itemsize
+        flat = torch.frombuffer(mapped, dtype=dtype, count=count, offset=data_start + begin) if count else torch.empty(0, dtype=dtype)
         tensors[name] = flat.reshape(info["shape"]).float()
     return tensors
+
+
+def write_safetensors(f, tensors, metadata=None):
+    """The format read_safetensors reads, into the open binary file f: the JSON header (padded with spaces
+    to a multiple of 8 bytes, so every tensor starts aligned), then each tensor's little-endian bytes in order."""
+    dtypes = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+    header, offset = {"__metadata__": metadata} if metadata else {}, 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": dtypes[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    f.write(struct.pack("<Q", len(text)) + text)
+    for tensor in tensors.values():
+        f.write(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
 
 
 def check_safetensors_entry(path, name, info, data_len):
@@ -187,22 +212,20 @@ def check_safetensors_entry(path, name, info, data_len):
     raise ValueError(f"{path}: tensor {name} {problem}; the file is damaged: download or save it again")
 
 
+HUB = "https://huggingface.co"
+
+
 def download_gpt2(name):
     """The hub's config.json and model.safetensors for a published GPT-2, cached in data/gpt2/NAME
-    (or $GPT2_CACHE_DIR/NAME); returns that folder."""
+    (or $GPT2_CACHE_DIR/NAME); returns that folder. model.safetensors is checked against the size and
+    sha256 the hub states for it (download.download)."""
     if name not in GPT2_SIZES:
         raise ValueError(f"{name!r} is neither a published GPT-2 ({', '.join(GPT2_SIZES)}) nor an existing folder or "
                          f".safetensors file")
     folder = os.path.join(os.environ.get("GPT2_CACHE_DIR", "data/gpt2"), name)
-    if not os.path.exists(os.path.join(folder, "model.safetensors")):  # a cached model.safetensors alone loads too
-        os.makedirs(folder, exist_ok=True)
-        for file in ("config.json", "model.safetensors"):
-            url, cache = f"https://huggingface.co/{name}/resolve/main/{file}", os.path.join(folder, file)
-            print(f"downloading {url} -> {cache}")
-            try:
-                urllib.request.urlretrieve(url, cache + ".part")
-            except OSError as e:
-                raise SystemExit(f"could not download {url} ({e}); download config.json and model.safetensors "
-                                 f"from https://huggingface.co/{name} into {folder} by hand") from None
-            os.replace(cache + ".part", cache)
+    for file in ("config.json", "model.safetensors"):
+        if not os.path.exists(os.path.join(folder, "model.safetensors")):  # a cached model.safetensors alone loads too
+            download(f"{HUB}/{name}/resolve/main/{file}", os.path.join(folder, file), f"{name}'s {file}",
+                     by_hand=f"on a machine with network access, download config.json and model.safetensors from "
+                             f"{HUB}/{name} into {folder}, or pass --init a save_pretrained folder")
     return folder

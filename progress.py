@@ -18,7 +18,7 @@ class Progress:
 
     def __init__(self, name, total, log_path=None, unit="tok", start_step=0):
         self.name, self.total, self.log_path, self.unit = name, total, log_path, unit
-        self.last_step = start_step
+        self.start_step = start_step
         self.t0 = self.last_t = time.time()
         self.count = 0  # units (tokens, pairs) since the last line
 
@@ -28,12 +28,13 @@ class Progress:
 
     def line(self, step, metrics, show=None, peak_flops=None, flops_per_unit=None):
         """Print one line (the metrics named in `show`, default all) and record all of them.
-        Rate and ETA are measured since the previous line; MFU where the peak is known."""
+        The rate (and MFU, where the peak is known) is measured since the previous line; the ETA over
+        the whole stage so far, so the evaluations between lines count in it."""
         if not is_main():
             return
         now = time.time()
         rate = self.count / max(now - self.last_t, 1e-9)
-        steps_per_s = (step - self.last_step) / max(now - self.last_t, 1e-9)
+        steps_per_s = (step - self.start_step) / max(now - self.t0, 1e-9)
         eta = (self.total - step) / max(steps_per_s, 1e-9)
         row = {"step": step, **metrics, f"{self.unit}_per_s": rate, "time": now - self.t0}
         shown = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
@@ -44,7 +45,7 @@ class Progress:
             mfu = f" | mfu {row['mfu']:.1%}"
         print(f"{self.name} step {step}/{self.total} | {shown} | {_si(rate)} {self.unit}/s{mfu} | eta {format_seconds(eta)}", flush=True)
         self.record(row)
-        self.last_t, self.last_step, self.count = now, step, 0
+        self.last_t, self.count = now, 0
 
     def record(self, row):
         if self.log_path:

@@ -173,7 +173,7 @@ def decode(model, decoder, prompts, width, max_new_tokens, temperature, top_k, t
 
 @dataclass
 class SampleConfig:
-    ckpt: str = field(default="out/sft/sft.pt", metadata={"help": "sft or dpo checkpoint (default: where sft.py writes)"})
+    ckpt: str = field(default="out/sft.pt", metadata={"help": "a policy checkpoint (sft, dpo, ppo, sppo), a save_pretrained GPT-2 folder or a published GPT-2 name"})
     prompt: str = field(default="This movie", metadata={"help": "text to continue"})
     n: int = field(default=4, metadata={"help": "completions to draw"})
     batch_size: int = field(default=64, metadata={"help": "completions drawn at a time (memory grows with it, not with --n)"})

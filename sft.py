@@ -2,7 +2,7 @@
 Supervised fine-tuning: next-token prediction on IMDb review text (train + unsup splits; the test
 split is held out for validation and, later, evaluation prompts). From scratch or from GPT-2.
 
-    python sft.py                      # preset by device: cpu (minutes on 2 cores) or gpu
+    python sft.py                      # preset by device: cpu (minutes on 2 cores) or gpu -> out/sft.pt
     python sft.py --init gpt2 --preset gpu
 """
 import os
@@ -14,11 +14,10 @@ import torch.nn.functional as F
 
 from checkpoint import load_model, resume, save_checkpoint, training_checkpoint
 from cli import UserError, check, parse_config, run_main
-from data import EOT, load_imdb
+from data import load_imdb
 from device import autocast, check_divisible, check_model_fits, data_parallel, local_slice, peak_flops, print0, setup_device
 from model import GPT, GPTConfig
 from optim import add_metrics, adamw, apply_gradients, seed_everything, warmup_cosine
-from pretrained import load_gpt2
 from progress import Progress
 
 # a checkpoint continues only the run these settings define
@@ -27,7 +26,7 @@ RESUME_FIELDS = ("init", "n_layer", "n_head", "n_embd", "block_size", "seed", "b
 
 @dataclass
 class SFTConfig:
-    out: str = field(default="out/sft", metadata={"help": "run folder for the checkpoint and log"})
+    out: str = field(default="out", metadata={"help": "run folder for the checkpoint and log (OUT/NAME.pt: out/sft.pt, where train.py writes it)"})
     name: str = field(default="sft", metadata={"help": "checkpoint is OUT/NAME.pt, log OUT/NAME_log.jsonl"})
     data: str = field(default=None, metadata={"help": "IMDb archive or aclImdb/ folder (else $IMDB_ARCHIVE, data/, download)"})
     data_verify: bool = field(default=True, metadata={"help": "require the full 25k/25k/50k archive"})
@@ -80,16 +79,7 @@ def build_model(cfg, device):
     if cfg.init == "scratch":
         return GPT(GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                              n_embd=cfg.n_embd, dropout=cfg.dropout)).to(device)
-    if cfg.init.endswith(".pt"):
-        return load_model(cfg.init, dropout=cfg.dropout).to(device)
-    try:
-        model = load_gpt2(cfg.init, dropout=cfg.dropout)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    if model.config.vocab_size <= EOT:  # every id of GPT-2's tokenizer (r50k_base) needs an embedding row
-        raise UserError(f"{cfg.init}: its vocabulary has {model.config.vocab_size} tokens, fewer than the 50,257 of "
-                        f"GPT-2's tokenizer, which this project uses; pass a model trained with GPT-2's BPE")
-    return model.to(device)
+    return load_model(cfg.init, dropout=cfg.dropout).to(device)  # our checkpoint, or GPT-2 weights (checked)
 
 
 def random_windows(tokens, n, length, seed):

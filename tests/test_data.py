@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import data
+from cli import UserError
 from data import EOT, DataError
 
 # member name -> raw text; reviews are listed out of order on purpose
@@ -232,24 +233,24 @@ def test_find_archive_falls_back_to_the_data_folder(tmp_path, monkeypatch):
     assert data.find_archive(None) == os.path.join("data", "aclImdb_v1.tar.gz")
 
 
-def test_download_of_wrong_size_raises_data_error_and_leaves_no_file(archive, tmp_path):
+def test_download_of_wrong_size_raises_a_user_error_and_leaves_no_file(archive, tmp_path):
     dest = tmp_path / "dl" / "aclImdb_v1.tar.gz"
-    with pytest.raises(DataError, match="damaged"):
+    with pytest.raises(UserError, match="damaged"):
         data.download_archive(str(dest), url="file://" + os.path.abspath(archive))
     assert os.listdir(tmp_path / "dl") == []  # neither dest nor dest.part
 
 
-def test_download_of_right_size_but_wrong_sha256_raises_data_error_and_leaves_no_file(archive, tmp_path, monkeypatch):
+def test_download_of_right_size_but_wrong_sha256_raises_a_user_error_and_leaves_no_file(archive, tmp_path, monkeypatch):
     monkeypatch.setattr(data, "IMDB_BYTES", os.path.getsize(archive))
     dest = tmp_path / "dl" / "aclImdb_v1.tar.gz"
-    with pytest.raises(DataError, match="sha256"):
+    with pytest.raises(UserError, match="sha256"):
         data.download_archive(str(dest), url="file://" + os.path.abspath(archive))
     assert os.listdir(tmp_path / "dl") == []
 
 
-def test_download_from_an_unreachable_url_raises_data_error_and_leaves_no_file(tmp_path):
+def test_download_from_an_unreachable_url_raises_a_user_error_and_leaves_no_file(tmp_path):
     dest = tmp_path / "dl" / "aclImdb_v1.tar.gz"
-    with pytest.raises(DataError, match="could not download"):
+    with pytest.raises(UserError, match="could not download the IMDb archive from .* copy aclImdb_v1.tar.gz here"):
         data.download_archive(str(dest), url="file://" + str(tmp_path / "no_such_file.tar.gz"))
     assert os.listdir(tmp_path / "dl") == []
 

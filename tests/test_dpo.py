@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import dpo
+import preferences
 import logprobs
 import sample
 from checkpoint import load_checkpoint, load_model, read_jsonl
@@ -272,7 +273,7 @@ def test_a_line_far_longer_than_the_context_is_refused_by_its_size_before_it_is_
     path = tmp_path / "pairs.jsonl"
     write_jsonl(path, [GOOD, {"prompt": "x", "chosen": " good" * 400_000, "rejected": " bad"}, GOOD])  # 2 MB
     encoded = []
-    monkeypatch.setattr(dpo, "get_encoding", lambda: type("Counting", (), {"encode_ordinary": lambda self, text: encoded.append(
+    monkeypatch.setattr(preferences, "get_encoding", lambda: type("Counting", (), {"encode_ordinary": lambda self, text: encoded.append(
         len(text)) or get_encoding().encode_ordinary(text)})())
     with pytest.raises(UserError, match=f"{path}:2: the line is 2,000,0[0-9][0-9] bytes, more than 1,048,576"):
         dpo.read_pairs(str(path), max_length=32)

@@ -1,7 +1,9 @@
 """GPT-2 weight loading: published sizes, Hugging Face save_pretrained folders and their config.json,
 checked against a float64 NumPy forward pass written from the raw tensors; damaged safetensors refused."""
+import hashlib
 import json
 import math
+import os
 import struct
 
 import numpy as np
@@ -356,3 +358,83 @@ def test_sft_refuses_a_consistent_gpt2_whose_vocabulary_is_smaller_than_the_toke
     folder = save_pretrained(tmp_path / "gpt2", gpt2_tensors())  # a 50-token vocabulary, every size consistent
     with pytest.raises(UserError, match="fewer than the 50,257"):
         sft.build_model(sft.SFTConfig(init=folder), "cpu")
+
+
+# ---------------------------------------------------------------------------- the download of published weights
+class Hub:
+    """A local stand-in for the Hugging Face hub: config.json served directly; model.safetensors, a large
+    file, through a redirect whose headers state its size and sha256 (X-Linked-Size, X-Linked-Etag)."""
+
+    def __init__(self, files, stated_sha256=None):
+        import http.server
+        import threading
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def answer(self, body):
+                name = self.path.rsplit("/", 1)[-1]
+                if "/resolve/" in self.path and name == "model.safetensors":
+                    self.send_response(302)
+                    self.send_header("Location", "/blob/model.safetensors")
+                    self.send_header("X-Linked-Size", str(len(files[name])))
+                    self.send_header("X-Linked-Etag", f'"{stated_sha256 or hashlib.sha256(files[name]).hexdigest()}"')
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(files[name])))
+                self.end_headers()
+                if body:
+                    self.wfile.write(files[name])
+
+            def do_HEAD(self):
+                self.answer(False)
+
+            def do_GET(self):
+                self.answer(True)
+        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def tiny_hub_files(tmp_path):
+    write_safetensors(tmp_path / "weights.safetensors", gpt2_tensors())
+    return {"config.json": json.dumps(hf_config()).encode(), "model.safetensors": (tmp_path / "weights.safetensors").read_bytes()}
+
+
+@pytest.fixture
+def tiny_published(tmp_path, monkeypatch):
+    monkeypatch.setitem(GPT2_SIZES, "gpt2-tiny", dict(n_layer=N_LAYER, n_head=N_HEAD, n_embd=N_EMBD))
+    monkeypatch.setenv("GPT2_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "gpt2-tiny"
+
+
+def test_published_weights_download_once_checked_against_the_hubs_size_and_sha256(tmp_path, tiny_published, monkeypatch):
+    import pretrained
+    hub = Hub(tiny_hub_files(tmp_path))
+    monkeypatch.setattr(pretrained, "HUB", hub.url)
+    model = load_gpt2("gpt2-tiny")
+    assert model.config.n_head == N_HEAD and sorted(os.listdir(tiny_published)) == ["config.json", "model.safetensors"]
+    hub.server.shutdown()  # cached: no second download
+    assert load_gpt2("gpt2-tiny").config.n_layer == N_LAYER
+
+
+def test_a_download_that_does_not_match_the_hubs_sha256_is_refused_and_leaves_no_weights(tmp_path, tiny_published, monkeypatch):
+    import pretrained
+    from cli import UserError
+    hub = Hub(tiny_hub_files(tmp_path), stated_sha256="0" * 64)
+    monkeypatch.setattr(pretrained, "HUB", hub.url)
+    with pytest.raises(UserError, match=r"the download of gpt2-tiny's model.safetensors from .* is damaged .* expected \d+ bytes, sha256 0{64}"):
+        load_gpt2("gpt2-tiny")
+    assert "model.safetensors" not in os.listdir(tiny_published) and not any(f.endswith(".part") for f in os.listdir(tiny_published))
+
+
+def test_no_network_is_one_line_saying_how_to_get_the_weights_by_hand(tiny_published, monkeypatch):
+    import pretrained
+    from cli import UserError
+    monkeypatch.setattr(pretrained, "HUB", "http://127.0.0.1:9")  # nothing listens there: refused at once
+    with pytest.raises(UserError, match=r"could not download gpt2-tiny's config.json from .*; on a machine with network "
+                                        r"access, download config.json and model.safetensors from .* into .*gpt2-tiny"):
+        load_gpt2("gpt2-tiny")

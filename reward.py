@@ -13,8 +13,8 @@ policy.
          labels, that scores the same evaluation samples and never trains or selects anything.
          A gain that only the reward sees is the reward being gamed.
 
-    python reward.py                            # ngram -> out/reward/reward.pt
-    python reward.py --kind gpt --name judge    # after python sft.py: out/sft/sft.pt -> out/reward/judge.pt
+    python reward.py                            # ngram -> out/reward.pt
+    python reward.py --kind gpt --name judge    # after python sft.py: out/sft.pt -> out/judge.pt
 """
 import os
 import time
@@ -33,6 +33,7 @@ from device import autocast, check_divisible, data_parallel, gather, local_slice
 from model import GPT, left_pad
 from optim import adamw, apply_gradients, batch_indices, seed_everything, warmup_cosine
 from progress import Progress
+from roberta import is_roberta_folder, load_roberta
 
 KINDS = ("ngram", "gpt")
 VOCAB = 50257  # GPT-2's token ids
@@ -157,18 +158,26 @@ class GPTClassifier(nn.Module):
 
 
 def load_classifier(path):
-    """A trained classifier of any kind (n-gram, GPT trunk, Bradley-Terry reward model), frozen, on the CPU."""
+    """A classifier, frozen, on the CPU: a checkpoint of any of ours (n-gram, GPT trunk, Bradley-Terry
+    reward model), or a RoBERTa sentiment classifier's save_pretrained folder (roberta.py, the paper's
+    ground truth). Each scores token lists: score() -> P(positive), logits()."""
+    if is_roberta_folder(path):
+        return load_roberta(path)
     return classifier_from(load_checkpoint(path, kind="reward"), path)
 
 
 def reward_function(path, device, logit=False):
-    """r(x, y) of token lists, as float64 numpy, from a classifier checkpoint: P(positive) for a
+    """r(x, y) of token lists, as float64 numpy, from a classifier (load_classifier): P(positive) for a
     sentiment classifier (the ground truth), the logit r itself for a Bradley-Terry reward model.
     logit: the logit of either kind, the scale on which sigma(r(y) - r(y')) is a Bradley-Terry
     preference (SPPO's win rates); for a sentiment classifier, log P(positive) / P(negative)."""
-    ckpt = load_checkpoint(path, kind="reward")
-    model = classifier_from(ckpt, path).to(device)
-    return model.logits if logit or ckpt.get("classifier") == "bradley_terry" else model.score
+    if is_roberta_folder(path):
+        model, bradley_terry = load_roberta(path), False
+    else:
+        ckpt = load_checkpoint(path, kind="reward")
+        model, bradley_terry = classifier_from(ckpt, path), ckpt.get("classifier") == "bradley_terry"
+    model = model.to(device)
+    return model.logits if logit or bradley_terry else model.score
 
 
 def classifier_from(ckpt, path):
@@ -190,8 +199,8 @@ def classifier_from(ckpt, path):
 class RewardConfig:
     kind: str = field(default="ngram", metadata={"help": "ngram (the reward of train.py) | gpt (its second judge)"})
     name: str = field(default="reward", metadata={"help": "OUT/NAME.pt, OUT/NAME_log.jsonl"})
-    sft: str = field(default="out/sft/sft.pt", metadata={"help": "gpt: the SFT checkpoint whose trunk starts the classifier"})
-    out: str = field(default="out/reward", metadata={"help": "run folder"})
+    sft: str = field(default="out/sft.pt", metadata={"help": "gpt: the SFT checkpoint whose trunk starts the classifier"})
+    out: str = field(default="out", metadata={"help": "run folder (OUT/NAME.pt: out/reward.pt, out/judge.pt, where train.py writes them)"})
     data: str = field(default=None, metadata={"help": "IMDb archive or aclImdb/ folder (else $IMDB_ARCHIVE, data/, download)"})
     data_verify: bool = field(default=True, metadata={"help": "require the full 25k/25k/50k archive"})
     max_len: int = field(default=0, metadata={"help": "longest training crop in tokens (0 = ngram 256, gpt the SFT model's context)"})

@@ -6,12 +6,14 @@ reward-vs-KL frontier (Figure 2, left), with n and standard errors, the second j
 same samples, and two degeneration signals. For DPO, the implicit reward beta log(pi / pi_ref)
 (Eq. 5) is also checked against the ground truth's preferences on held-out and training pairs.
 """
+import os
 import time
 
 import numpy as np
 import torch
 
-from checkpoint import append_jsonl, atomic_write
+from checkpoint import append_jsonl
+from data import get_encoding
 from device import autocast, gather, local_slice, print0, rank
 from logprobs import prompt_completion_rows, response_token_logps, sequence_logps, token_logps
 from sample import generate
@@ -67,16 +69,16 @@ def completion_logps(model, prompts, completions):
 def evaluate_policy(policy, reference, reward_model, judge, prompts, max_new_tokens, batch_size, seed):
     """One frontier point: one completion per prompt (temperature 1, full vocabulary, fixed length),
     scored by score_completions with the sequence KL of the policy to the reference. Returns the
-    point and this rank's completions (under torchrun each rank samples a share of the prompts)."""
+    point and its samples, as score_completions does (under torchrun each rank samples a share)."""
     policy_was_training = policy.training
     policy.eval()
     device = next(policy.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed + rank())
     prompts = local_slice(prompts)
     completions = generate(policy, prompts, max_new_tokens, stop_at_eot=False, generator=generator, batch_size=batch_size)
-    point = score_completions(prompts, completions, reference, reward_model, judge, policy=policy)
+    point, samples = score_completions(prompts, completions, reference, reward_model, judge, policy=policy)
     policy.train(policy_was_training)
-    return point, completions
+    return point, samples
 
 
 @torch.no_grad()
@@ -85,7 +87,8 @@ def score_completions(prompts, completions, reference, reward_model, judge, poli
     n, the mean and standard error of the reward, of the second judge and of the KL, and the
     degeneration signals: the distinct-token ratio and the mean per-token log-prob under the
     reference. The KL is the sequence KL of `policy` to the reference, or, without a policy
-    (Best-of-N), the given value for every sample."""
+    (Best-of-N), the given value for every sample. Returns the point and its samples, every rank's:
+    [{"prompt_ids", "completion_ids", "reward", "judge", "kl"}], one per prompt, in order."""
     device = next(reference.parameters()).device
     length = len(completions[0]) if completions else 1
     kls, reference_logps = [], []
@@ -100,13 +103,15 @@ def score_completions(prompts, completions, reference, reward_model, judge, poli
                "kl": torch.cat(kls + [torch.zeros(0)]).tolist() if policy is not None else [float(kl)] * len(texts),
                "distinct": [distinct_ratio(c) for c in completions],
                "reference_logp": torch.cat(reference_logps + [torch.zeros(0)]).tolist()}
-    samples = {k: np.array(gather(v)) for k, v in samples.items()}  # every rank's share
+    samples["prompt_ids"], samples["completion_ids"] = [[int(t) for t in p] for p in prompts], [[int(t) for t in c] for c in completions]
+    samples = {k: gather(v) for k, v in samples.items()}  # every rank's share
     point = {"n": len(samples["reward"])}
-    for k, v in samples.items():
-        point[k] = float(v.mean())
+    for k in ("reward", "judge", "kl", "distinct", "reference_logp"):
+        point[k] = float(np.mean(samples[k]))
         if k in ("reward", "judge", "kl"):
-            point[k + "_se"] = standard_error(v)
-    return point
+            point[k + "_se"] = standard_error(samples[k])
+    kept = ("prompt_ids", "completion_ids", "reward", "judge", "kl")
+    return point, [{k: samples[k][i] for k in kept} for i in range(point["n"])]
 
 
 def implicit_reward_accuracy(policy_logps, reference_logps, beta):
@@ -161,20 +166,25 @@ class Evaluator:
         Every method starts from the SFT model, so every step-0 point is the SFT point: sampled once."""
         t0 = time.time()
         if step == 0 and self.sft_point is not None:
-            point = dict(self.sft_point)
+            point, samples = dict(self.sft_point[0]), self.sft_point[1]
         else:
-            point, _ = evaluate_policy(policy, self.reference, self.reward_model, self.judge, self.prompts,
-                                       self.max_new_tokens, self.batch_size, seed=self.seed)
-            self.sft_point = dict(point) if step == 0 else self.sft_point
+            point, samples = evaluate_policy(policy, self.reference, self.reward_model, self.judge, self.prompts,
+                                             self.max_new_tokens, self.batch_size, seed=self.seed)
+            self.sft_point = (dict(point), samples) if step == 0 else self.sft_point
         t1 = time.time()
         if implicit_beta is not None:
             point.update(self.implicit(policy, implicit_beta))
         took = f"{t1 - t0:.1f}s point" + (f" + {time.time() - t1:.1f}s implicit reward" if implicit_beta is not None else "")
-        return self.record(point, method, setting, step, log_path, took)
+        return self.record(point, samples, method, setting, step, log_path, took)
 
-    def record(self, point, method, setting, step, log_path, took=""):
-        """Append a point as a row {method, setting, step, ...} to log_path, print it (with `took`, how long
-        it took), and return it."""
+    def record(self, point, samples, method, setting, step, log_path, took=""):
+        """Append a point as a row {method, setting, step, ...} to log_path and its samples, one row per
+        prompt {method, setting, step, index, prompt_ids, completion_ids, prompt, completion, reward, judge,
+        kl}, to completions.jsonl beside it; print the point (with `took`, how long it took); return it."""
+        enc = get_encoding()
+        append_jsonl(os.path.join(os.path.dirname(log_path), "completions.jsonl"), *(
+            {"method": method, "setting": setting, "step": step, "index": i, **sample, "prompt": enc.decode(sample["prompt_ids"]),
+             "completion": enc.decode(sample["completion_ids"])} for i, sample in enumerate(samples)))
         append_jsonl(log_path, {"method": method, "setting": setting, "step": step, **point, "wall_time": time.time() - self.t0})
         shown = "".join(f" | {k} {v:.3f}" for k, v in point.items() if k.startswith("implicit"))
         print0(f"eval {method} {setting} step {step}: reward {point['reward']:.3f} ± {point['reward_se']:.3f} | "
@@ -187,29 +197,3 @@ def shown_kl(kl, digits):
     """A KL for people: never negative (a true KL is >= 0; a tiny negative is float32 rounding), so
     a KL that rounds to zero reads 0.00, not -0.00."""
     return f"{max(kl, 0.0):.{digits}f}"
-
-
-def plot_frontier(rows, path):
-    """Reward vs KL, one colour per method, like the paper's Figure 2 (left), with error bars of one
-    standard error; beside it the same points scored by the second judge."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    methods = list(dict.fromkeys(row["method"] for row in rows))  # in the order they come
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
-    for ax, key, title in ((axes[0], "reward", "ground-truth reward (n-gram classifier)"),
-                           (axes[1], "judge", "second judge (GPT-trunk classifier)")):
-        for method in methods:  # one colour per method, every setting and evaluation a point, as in Figure 2
-            points = [r for r in rows if r["method"] == method]
-            style = dict(marker="*", markersize=12, zorder=3) if len(points) == 1 else dict(marker="o", markersize=4, alpha=0.8)
-            ax.errorbar([r["kl"] for r in points], [r[key] for r in points], yerr=[r[key + "_se"] for r in points],
-                        label=method, capsize=2, linestyle="none", **style)
-        ax.set_xlabel("KL(pi || pi_ref)  [nats, sum over generated tokens]")
-        ax.set_ylabel(f"mean {key}  P(positive)")
-        ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("IMDb sentiment: reward vs KL frontier (bars: one standard error)")
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    plt.close(fig)

@@ -17,7 +17,9 @@ with. A stage or run already done with the current settings is skipped (a killed
 it stopped); one made with other settings is redone, and so is everything after it. --force redoes
 the ones that run, and --stage NAME runs one stage.
 """
+import copy
 import functools
+import glob
 import hashlib
 import json
 import math
@@ -37,11 +39,14 @@ from cli import UserError, check, is_plain_name, parse_config, run_main, section
 from data import EOT, get_encoding, load_imdb, make_prefixes
 from device import barrier, check_divisible, hardware_name, is_main, local_slice, print0, rank, setup_device
 from dpo import LOSSES, REFERENCE_FREE, DPOConfig, train_dpo
-from evaluate import Evaluator, plot_frontier, score_completions, shown_kl
+from evaluate import Evaluator, score_completions
 from online import SPPOConfig, online_pairs, train_sppo
 from pairs import RSOConfig, best_completions, rso_pairs, sample_and_label
 from ppo import PPOConfig, train_ppo
+from report import (comparison_table, frontier_table, implicit_table, is_number, kl_budget_table, over_seeds,
+                    plot_curves, plot_frontier, read_rows)
 from reward import RewardConfig, load_classifier, reward_function, train_reward
+from roberta import folder_identity, is_roberta_folder
 from sample import generate
 from sft import SFTConfig, build_model, train_lm
 
@@ -77,7 +82,8 @@ STAGES = {
     "reward": Stage(lambda run: run_classifier(run, "reward", reward_config(run.cfg)),  # r(x, y), an n-gram classifier
                     ["reward.pt", "reward_log.jsonl"], ("reward",)),
     "pairs": Stage(lambda run: run_pairs(run), ["pairs.jsonl", "heldout_pairs.jsonl"],  # 4 SFT samples a prefix, 6 pairs
-                   ("n_prefixes", "heldout_prefixes", "completions_per_prefix", "max_new_tokens", "sample_batch_size")),
+                   ("n_prefixes", "heldout_prefixes", "completions_per_prefix", "max_new_tokens", "sample_batch_size",
+                    "ground_truth")),  # the labeller: a RoBERTa folder given by --ground-truth, recorded by its contents
     "rm": Stage(lambda run: run_rm(run), ["rm.pt", "rm_log.jsonl"], ("rm",)),  # RLHF's Bradley-Terry reward model
     # after pairs: the judge only evaluates, so a change to it redoes the evaluations, not the pairs
     "judge": Stage(lambda run: run_classifier(run, "judge", judge_config(run.cfg)),  # the second judge, a GPT trunk
@@ -97,9 +103,9 @@ METHODS = {  # each run writes OUT/<folder>/ with its eval.jsonl; the folders ar
                                                                           "unlikelihood", alpha=alpha),
                            lambda cfg: {f"unlikelihood_alpha{a:g}": {"alpha": a} for a in cfg.number_list("ul_alphas")},
                            ("dpo",)),
-    "ppo": Method(lambda run, folder, target_kl: run_ppo(run, folder, target_kl, "rm.pt"),
+    "ppo": Method(lambda run, folder, target_kl: run_ppo(run, folder, target_kl, ground_truth=False),
                   lambda cfg: {f"ppo_kl{t:g}": {"target_kl": t} for t in cfg.number_list("ppo_target_kls")}, ("ppo",)),
-    "ppo_gt": Method(lambda run, folder, target_kl: run_ppo(run, folder, target_kl, "reward.pt"),
+    "ppo_gt": Method(lambda run, folder, target_kl: run_ppo(run, folder, target_kl, ground_truth=True),
                      lambda cfg: {f"ppo_gt_kl{t:g}": {"target_kl": t} for t in cfg.number_list("ppo_target_kls")}, ("ppo",)),
     "best_of_n": Method(lambda run, folder, n: run_best_of_n(run, folder, n),
                         lambda cfg: {f"best_of_n{n:g}": {"n": int(n)} for n in cfg.number_list("bon_ns")}, ()),
@@ -123,8 +129,9 @@ METHOD_GROUPS = {"figure2": ("sft_point", "preferred_ft", "dpo", "unlikelihood",
 # TrainConfig settings no artifact depends on: where and how the run goes, not what it computes (the
 # sweeps and the family's settings, too: each value is a run of its own, recorded with its value)
 NOT_RECORDED = ("out", "stage", "methods", "force", "data", "data_verify", "device", "compile", "betas", "ul_alphas",
-                "ppo_target_kls", "bon_ns", "family")
-ONLINE_REWARDS = {"ground_truth": "reward.pt", "learned": "rm.pt"}  # --online-reward: the labeller of new samples
+                "ppo_target_kls", "bon_ns", "family", "seeds", "seed_scope")  # each seed's runs: their seed recorded
+ONLINE_REWARDS = ("ground_truth", "learned")  # --online-reward: the labeller of new samples, ground truth or rm.pt
+SEED_SCOPES = ("methods", "all")  # --seed-scope: what a further seed redoes
 
 
 # ---------------------------------------------------------------------------- the experiment's settings
@@ -157,6 +164,10 @@ class TrainConfig:
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     compile: bool = field(default=True, metadata={"help": "torch.compile SFT on CUDA"})
     seed: int = field(default=0, metadata={"help": "random seed for every stage"})
+    seeds: int = field(default=1, metadata={"help": "training runs of each method, with seeds seed, seed + 1, ...: the "
+                                                    "report gives their mean and 95%% interval, and says which differences they show"})
+    seed_scope: str = field(default="methods", metadata={"help": "what each further seed redoes: methods (the methods' "
+                            "training, on the same SFT model, reward and pairs) | all (every stage too, in OUT/seed<k>/)"})
     # the model
     init: str = field(default="scratch", metadata={"help": "scratch | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a save_pretrained folder | a .safetensors path"})
     n_layer: int = field(default=4, metadata={"help": "transformer blocks (scratch)"})
@@ -177,7 +188,10 @@ class TrainConfig:
     bon_ns: str = field(default="1,4,8", metadata={"help": "Best-of-N: comma-separated N (GPU preset: 1,4,16,64)"})
     family: FamilyConfig = field(default_factory=FamilyConfig, metadata={
         "flat": True, "help": "the DPO family's settings, from dpo.LOSSES: each loss one run with these values"})
-    online_reward: str = field(default="ground_truth", metadata={"help": "online DPO, SPPO: the labeller of their samples, ground_truth (reward.pt) | learned (rm.pt)"})
+    online_reward: str = field(default="ground_truth", metadata={"help": "online DPO, SPPO: the labeller of their samples, ground_truth | learned (rm.pt)"})
+    ground_truth: str = field(default="", metadata={"help": "a RoBERTa sentiment classifier's save_pretrained folder (the "
+                              "paper's: siebert/sentiment-roberta-large-english) as the ground truth r(x, y) wherever it is "
+                              "used, in place of the reward stage's n-gram classifier (empty: the n-gram)"})
     # each stage's and method's own settings: its file's config (the cpu preset's values)
     sft: SFTConfig = section(SFTConfig(steps=350, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=17, log_interval=17,
                                        eval_interval=87, save_interval=87), fixed=MODEL + ("data", "data_verify", "compile"),
@@ -217,6 +231,9 @@ class TrainConfig:
         for name in ("n_layer", "n_head", "n_embd", "block_size", "n_prefixes", "heldout_prefixes", "max_new_tokens",
                      "sample_batch_size", "eval_prefixes"):
             check(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        check(self.seeds >= 1 and self.seed + self.seeds <= 2**32,
+              f"--seeds must be at least 1 (and --seed + --seeds at most 2^32), got {self.seeds}")
+        check(self.seed_scope in SEED_SCOPES, f"--seed-scope must be one of {', '.join(SEED_SCOPES)}, got {self.seed_scope!r}")
         check(self.completions_per_prefix >= 2, f"--completions-per-prefix must be at least 2, got {self.completions_per_prefix}")
         check(self.init != "scratch" or self.judge.max_len <= self.block_size,
               f"--judge-max-len {self.judge.max_len} exceeds the model's context --block-size {self.block_size}")
@@ -237,6 +254,8 @@ class TrainConfig:
             check(len({f"{v:g}" for v in values}) == len(values), f"{flag} names the same value twice: {getattr(self, name)!r}")
         check(all(n == int(n) for n in self.number_list("bon_ns")), f"--bon-ns must be whole numbers, got {self.bon_ns!r}")
         check(self.online_reward in ONLINE_REWARDS, f"--online-reward must be ground_truth or learned, got {self.online_reward!r}")
+        check(not self.ground_truth or is_roberta_folder(self.ground_truth),
+              f"--ground-truth {self.ground_truth}: not a RoBERTa save_pretrained folder (config.json and vocab.json)")
         check(self.rso.prefixes <= self.n_prefixes, f"RSO needs 0 < --rso-prefixes <= --n-prefixes, got {self.rso.prefixes}")
         check("kto" not in self.method_list() or self.dpo.micro_batch_size >= 2,
               f"KTO's KL estimate pairs each prompt with another pair's responses: --dpo-micro-batch-size must be at "
@@ -246,7 +265,7 @@ class TrainConfig:
                              ("judge", judge_config(self)), *(("dpo", dpo_config(self, "", b)) for b in self.number_list("betas")),
                              *((loss_type, loss_config(self, "", loss_type, loss_type, **params))
                                for loss_type in FAMILY for params in METHODS[loss_type].runs(self).values()),
-                             *(("ppo", ppo_config(self, "", t, "rm.pt")) for t in self.number_list("ppo_target_kls")),
+                             *(("ppo", ppo_config(self, "", t, os.path.join(self.out, "rm.pt"))) for t in self.number_list("ppo_target_kls")),
                              ("rso", self.rso), ("sppo", sppo_config(self, "")),
                              *([("pft", pft_config(self, ""))] if self.pft.steps else [])]:
             try:
@@ -340,13 +359,23 @@ def loss_config(cfg, folder, loss_type, name, pairs=None, online=False, **loss_s
 
 
 def ppo_config(cfg, folder, target_kl, reward):
-    return replace(cfg.ppo, **where(cfg, folder, "ppo"), sft=os.path.join(cfg.out, "sft.pt"),
-                   reward=os.path.join(cfg.out, reward), max_new_tokens=cfg.max_new_tokens, target_kl=target_kl)
+    return replace(cfg.ppo, **where(cfg, folder, "ppo"), sft=os.path.join(cfg.out, "sft.pt"), reward=reward,
+                   max_new_tokens=cfg.max_new_tokens, target_kl=target_kl)
+
+
+def ground_truth_path(cfg):
+    """The ground truth r(x, y): the RoBERTa folder of --ground-truth, else the reward stage's n-gram classifier."""
+    return cfg.ground_truth or os.path.join(cfg.out, "reward.pt")
+
+
+def online_reward(cfg):
+    """The labeller of online DPO's and SPPO's samples (--online-reward): the ground truth, or RLHF's rm.pt."""
+    return ground_truth_path(cfg) if cfg.online_reward == "ground_truth" else os.path.join(cfg.out, "rm.pt")
 
 
 def sppo_config(cfg, folder):
     return replace(cfg.sppo, **where(cfg, folder, "sppo"), sft=os.path.join(cfg.out, "sft.pt"),
-                   reward=os.path.join(cfg.out, ONLINE_REWARDS[cfg.online_reward]),
+                   reward=online_reward(cfg),
                    max_new_tokens=cfg.max_new_tokens)
 
 
@@ -369,13 +398,17 @@ def train_flags(message, section_name):
 # ---------------------------------------------------------------------------- the run
 class Run:
     """What every stage and method is handed: the config, the tokenized data, the device, and the
-    evaluator, built on first use (it needs the models of the sft and reward stages)."""
+    evaluator, built on first use (it needs the models of the sft and reward stages). eval_seed: the
+    seed of the evaluation's prompts and samples, the same for every seed of --seeds."""
 
-    def __init__(self, cfg, imdb, device):
+    def __init__(self, cfg, imdb, device, eval_seed=None):
         self.cfg, self.imdb, self.device = cfg, imdb, device
+        self.eval_seed = cfg.seed if eval_seed is None else eval_seed
+        self.suffix = ""  # a view of seeded(k): its runs' folder suffix, _seed<k>
+        self.loaded = {}  # the evaluator and the learned reward, loaded once and shared by every seed's view
         # the prompts, made here so that a data set too small for the settings is refused before any work
         self.train_prompts = self.prefixes("train", cfg.n_prefixes, cfg.seed, "--n-prefixes")
-        self.eval_prompts = self.prefixes("test", cfg.eval_prefixes, cfg.seed + 1, "--eval-prefixes")
+        self.eval_prompts = self.prefixes("test", cfg.eval_prefixes, self.eval_seed + 1, "--eval-prefixes")
         # the held-out preference set: test prefixes only, none equal to a training prefix
         train = {tuple(p) for p in self.train_prompts}
         self.heldout_prompts = [p for p in self.prefixes("test", cfg.heldout_prefixes, cfg.seed + 2, "--heldout-prefixes")
@@ -396,22 +429,36 @@ class Run:
     def path(self, name):
         return os.path.join(self.cfg.out, name)
 
-    @functools.cached_property
-    def evaluator(self):
-        cfg = self.cfg
-        train_pairs = read_jsonl(self.path("pairs.jsonl"))
-        sampled = {tuple(p) for p in self.train_prompts[:cfg.heldout_prefixes]}  # as many training prefixes as held out
-        preference_sets = {"heldout": read_jsonl(self.path("heldout_pairs.jsonl")),
-                           "train": [p for p in train_pairs if tuple(p["prompt_ids"]) in sampled]}
-        return Evaluator(load_model(self.path("sft.pt")).to(self.device).eval(),
-                         load_classifier(self.path("reward.pt")).to(self.device),
-                         load_classifier(self.path("judge.pt")).to(self.device),
-                         self.eval_prompts, cfg.max_new_tokens, cfg.sample_batch_size, cfg.seed, preference_sets)
+    def seeded(self, offset):
+        """This run as the method runs of seed offset k see it (--seeds, --seed-scope methods): the same
+        stages, data, evaluator and folder, cfg.seed + k for their training, and their folders ending
+        in _seed<k> (seed offset 0: the one-seed run's own folders)."""
+        if offset == 0:
+            return self
+        view = copy.copy(self)
+        view.cfg, view.suffix = replace(self.cfg, seed=self.cfg.seed + offset), f"_seed{offset}"
+        return view
 
-    @functools.cached_property
+    @property
+    def evaluator(self):
+        if "evaluator" not in self.loaded:
+            cfg = self.cfg
+            train_pairs = read_jsonl(self.path("pairs.jsonl"))
+            sampled = {tuple(p) for p in self.train_prompts[:cfg.heldout_prefixes]}  # as many training prefixes as held out
+            preference_sets = {"heldout": read_jsonl(self.path("heldout_pairs.jsonl")),
+                               "train": [p for p in train_pairs if tuple(p["prompt_ids"]) in sampled]}
+            self.loaded["evaluator"] = Evaluator(
+                load_model(self.path("sft.pt")).to(self.device).eval(), load_classifier(ground_truth_path(cfg)).to(self.device),
+                load_classifier(self.path("judge.pt")).to(self.device), self.eval_prompts, cfg.max_new_tokens,
+                cfg.sample_batch_size, self.eval_seed, preference_sets)
+        return self.loaded["evaluator"]
+
+    @property
     def learned_reward(self):
-        """RLHF's Bradley-Terry reward r(x, y) from rm.pt, loaded once for every Best-of-N run."""
-        return reward_function(self.path("rm.pt"), self.device)
+        """RLHF's Bradley-Terry reward r(x, y) from rm.pt, loaded once for every Best-of-N and RSO run."""
+        if "learned_reward" not in self.loaded:
+            self.loaded["learned_reward"] = reward_function(self.path("rm.pt"), self.device)
+        return self.loaded["learned_reward"]
 
     @functools.cached_property
     def data_id(self):
@@ -440,7 +487,7 @@ def run_classifier(run, name, config):
 def run_pairs(run):
     cfg = run.cfg
     policy = load_model(run.path("sft.pt")).to(run.device).eval()
-    reward_model = load_classifier(run.path("reward.pt")).to(run.device)
+    reward_model = load_classifier(ground_truth_path(cfg)).to(run.device)
     result = {}
     # the training pairs, and the held-out ones made the same way from test prefixes (for the implicit reward)
     for name, prompts, seed in (("pairs", run.train_prompts, cfg.seed), ("heldout_pairs", run.heldout_prompts, cfg.seed + 2)):
@@ -464,16 +511,40 @@ def run_rm(run):
 
 
 def run_methods(run):
-    """Every run of every chosen method not done yet with these settings, each timed into stage_times.json."""
-    for name in run.cfg.method_list():
-        method = METHODS[name]
-        for folder, params in method.runs(run.cfg).items():
-            t0 = time.time()
-            result = bring_up_to_date(run, folder, "methods", method_settings(run, name, params), [folder],
-                                      lambda: method.run(run, run.path(folder), **params))
-            if result is not None:
-                record_time(run, folder, time.time() - t0, result)
+    """Every run of every chosen method, for each seed of --seed-scope methods, not done yet with these
+    settings, each timed into stage_times.json."""
+    for seeded in seed_views(run):
+        for name in run.cfg.method_list():
+            for folder, (settings, params) in method_runs(seeded, name).items():
+                t0 = time.time()
+                result = bring_up_to_date(run, folder, "methods", settings, [folder],
+                                          lambda: METHODS[name].run(seeded, run.path(folder), **params))
+                if result is not None:
+                    record_time(run, folder, time.time() - t0, result)
     return None  # each run recorded its own time
+
+
+def seed_views(run):
+    """The run as each seed's method runs see it: one per seed under --seed-scope methods (whose further
+    seeds share OUT), else the run alone (under --seed-scope all each seed is a whole run of its own)."""
+    return [run.seeded(k) for k in range(run.cfg.seeds if run.cfg.seed_scope == "methods" else 1)]
+
+
+def seed_runs(run):
+    """(k, the run whose OUT holds seed k's method runs, seed k's view) for each seed of --seeds: under
+    --seed-scope methods every seed's runs are in OUT; under all, seed k's whole run is in OUT/seed<k>/
+    (seed 0's in OUT), with the evaluation's prompts and sampling seed of seed 0."""
+    if run.cfg.seed_scope == "methods":
+        return [(k, run, view) for k, view in enumerate(seed_views(run))]
+    runs = [run] + [Run(replace(run.cfg, seed=run.cfg.seed + k, out=run.path(f"seed{k}")), run.imdb, run.device,
+                        eval_seed=run.cfg.seed) for k in range(1, run.cfg.seeds)]
+    return [(k, seeded, seeded) for k, seeded in enumerate(runs)]
+
+
+def method_runs(run, name):
+    """{folder: (recorded settings, params)} of a method's runs as `run`, a seed's view, makes them
+    (its settings hold its own seed, cfg.seed + k)."""
+    return {folder + run.suffix: (method_settings(run, name, params), params) for folder, params in METHODS[name].runs(run.cfg).items()}
 
 
 # ---------------------------------------------------------------------------- methods
@@ -517,7 +588,7 @@ def run_online_dpo(run, folder, beta):
     """Online DPO (online.py): DPO's trainer and settings, each step's pairs sampled from the policy
     itself and labelled by --online-reward (the ground truth by default)."""
     cfg = run.cfg
-    reward_fn = reward_function(run.path(ONLINE_REWARDS[cfg.online_reward]), run.device)
+    reward_fn = reward_function(online_reward(cfg), run.device)
     sampler = functools.partial(online_pairs, prompts=run.train_prompts, reward_fn=reward_fn, batch_size=cfg.dpo.batch_size,
                                 max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     return run_preference_loss(run, folder, online_method(cfg, "Online DPO"), "sigmoid", "online_dpo",
@@ -556,10 +627,10 @@ def run_sppo(run, folder):
     return throughput([os.path.join(folder, "sppo_log.jsonl")], "samples_per_s", "sppo_")
 
 
-def run_ppo(run, folder, target_kl, reward):
+def run_ppo(run, folder, target_kl, ground_truth):
     """PPO (ppo.py) on the training prefixes toward one target KL: on the learned Bradley-Terry reward
-    (rm.pt: the paper's PPO) or on the ground truth itself (reward.pt: PPO-GT)."""
-    method = "PPO" if reward == "rm.pt" else "PPO-GT"
+    (rm.pt: the paper's PPO) or on the ground truth itself (PPO-GT)."""
+    method, reward = ("PPO-GT", ground_truth_path(run.cfg)) if ground_truth else ("PPO", run.path("rm.pt"))
     log = os.path.join(folder, "eval.jsonl")
     train_ppo(ppo_config(run.cfg, folder, target_kl, reward), run.train_prompts,
               evaluate=lambda step, policy: run.evaluator(policy, method, f"target KL={target_kl:g}", step, log))
@@ -577,51 +648,44 @@ def run_best_of_n(run, folder, n):
     candidates = generate(evaluator.reference, repeated, cfg.max_new_tokens, stop_at_eot=False, generator=generator,
                           batch_size=cfg.sample_batch_size)
     best = run.learned_reward([p + c for p, c in zip(repeated, candidates)]).reshape(len(prompts), n).argmax(1)
-    point = score_completions(prompts, [candidates[i * n + j] for i, j in enumerate(best)], evaluator.reference,
-                              evaluator.reward_model, evaluator.judge, kl=math.log(n) - (n - 1) / n)
-    evaluator.record(point, "Best-of-N", f"N={n}", 0, os.path.join(folder, "eval.jsonl"))
+    point, samples = score_completions(prompts, [candidates[i * n + j] for i, j in enumerate(best)], evaluator.reference,
+                                       evaluator.reward_model, evaluator.judge, kl=math.log(n) - (n - 1) / n)
+    evaluator.record(point, samples, "Best-of-N", f"N={n}", 0, os.path.join(folder, "eval.jsonl"))
     return {}
 
 
 # ---------------------------------------------------------------------------- report
-def read_rows(jsonl):
-    """Evaluation rows, the last one kept for each (method, setting, step): a resumed run repeats a few."""
-    rows = read_jsonl(jsonl, valid=lambda row: isinstance(row, dict) and all(is_number(row.get(k)) for k in EVAL_NUMBERS)
-                      and isinstance(row.get("method"), str) and isinstance(row.get("setting"), str), what="an evaluation row")
-    return list({(row["method"], row["setting"], row["step"]): row for row in rows}.values())
-
-
-EVAL_NUMBERS = ("step", "n", "kl", "reward", "reward_se", "judge", "judge_se", "distinct", "reference_logp")
-
-
-def is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def run_report(run):
+    """Every chosen method's evaluations, of every seed: the tables (report.py) printed and written to
+    report.md with a few samples, results.jsonl (one row per evaluation and seed), frontier.png."""
     cfg = run.cfg
     summary = json.dumps(read_stage_times(run), indent=1)
-    rows, folders = [], []
-    for name in cfg.method_list():
-        for folder, params in METHODS[name].runs(cfg).items():
-            folders.append(folder)
-            if not is_done(run, folder, method_settings(run, name, params)):
-                raise UserError(f"{run.path(folder)} is not done with these settings; run --stage methods first")
-            rows += sorted(read_rows(os.path.join(run.path(folder), "eval.jsonl")), key=lambda r: r["step"])
-    final = {}
-    for row in rows:  # the last step of each series
-        key = (row["method"], row["setting"])
-        if key not in final or row["step"] >= final[key]["step"]:
-            final[key] = row
-    times = read_stage_times(run)
-    rm = times.get("rm")
-    lines = [] if rm is None else [f"RLHF's Bradley-Terry reward model (rm.pt): pair accuracy {rm['rm_heldout_acc']:.3f} "
-                                   f"held out, {rm['rm_train_acc']:.3f} on training pairs"]
-    lines += [f"RSO ({folder}): acceptance rate {times[folder]['rso_acceptance_rate']:.3f}, {times[folder]['rso_pairs']} pairs"
-              for folder in folders if "rso_acceptance_rate" in times.get(folder, {})]
-    table_text = "\n".join(frontier_table(final.values()) + [""] + kl_budget_table(rows) + [""] + implicit_table(rows) + lines)
+    rows, lines, curves = [], [], {}
+    for seed, owner, view in seed_runs(run):
+        for name in cfg.method_list():
+            for folder, (settings, _) in method_runs(view, name).items():
+                if not is_done(owner, folder, settings):
+                    raise UserError(f"{owner.path(folder)} is not done with these settings; run --stage methods first")
+                evaluations = sorted(read_rows(os.path.join(owner.path(folder), "eval.jsonl"), seed), key=lambda r: r["step"])
+                rows += evaluations
+                logs = sorted(glob.glob(os.path.join(glob.escape(owner.path(folder)), "*_log.jsonl")))  # its trainer's log
+                curves[os.path.relpath(owner.path(folder), cfg.out)] = ([r for log in logs for r in read_jsonl(log)], evaluations)
+                sampled = read_stage_times(owner).get(folder, {})
+                if "rso_acceptance_rate" in sampled:
+                    lines.append(f"RSO ({os.path.relpath(owner.path(folder), cfg.out)}): acceptance rate "
+                                 f"{sampled['rso_acceptance_rate']:.3f}, "
+                                 f"{sampled['rso_pairs']} pairs")
+    means = over_seeds(rows)
+    scorer = f"RoBERTa classifier {cfg.ground_truth}" if cfg.ground_truth else "n-gram classifier, reward.pt"
+    lines.insert(0, f"ground truth r(x, y): the {scorer}; second judge: the GPT-trunk classifier, judge.pt")
+    rm = read_stage_times(run).get("rm")
+    if rm is not None:
+        lines.insert(1, f"RLHF's Bradley-Terry reward model (rm.pt): pair accuracy {rm['rm_heldout_acc']:.3f} held out, "
+                        f"{rm['rm_train_acc']:.3f} on training pairs")
+    table_text = "\n".join(frontier_table(means) + [""] + kl_budget_table(rows) + [""] + comparison_table(rows) + [""]
+                           + implicit_table(means) + lines)
     print(table_text)
-    # a handful of completions of the same test prefixes before (SFT) and after DPO (the first beta)
+    # a handful of completions of the same test prefixes before (SFT) and after DPO (the first beta, the first seed)
     enc = get_encoding()
     prompts = run.evaluator.prompts[:5]
     sections = [("SFT", load_model(run.path("sft.pt")))]
@@ -640,46 +704,12 @@ def run_report(run):
     print(samples)
     # written once everything is read: a report that fails leaves the last one whole
     write_jsonl(run.path("results.jsonl"), rows)
-    plot_frontier(rows, run.path("frontier.png"))
+    plot_frontier(means, run.path("frontier.png"), scorer)
+    plot_curves(curves, run.path("curves.png"))
     atomic_write(run.path("report.md"), lambda f: f.write(
         f"# Results\n\n{table_text}\n\nstage summary: {summary}\n\n"
         f"# Samples\n\n[reward] prefix|completion\n```\n{samples}\n```\n".encode()))
     return {}
-
-
-def frontier_table(rows):
-    """The final point of each method: reward and second judge with their standard errors, and the
-    degeneration signals (distinct-token ratio, mean per-token log-prob under the reference)."""
-    lines = ["| method | setting | step | n | KL | reward | judge | distinct | ref logp |", "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['method']} | {r['setting']} | {r['step']} | {r['n']} | "
-              f"{shown_kl(r['kl'], 2)} | {r['reward']:.3f} ± {r['reward_se']:.3f} | {r['judge']:.3f} ± {r['judge_se']:.3f} | "
-              f"{r['distinct']:.2f} | {r['reference_logp']:.2f} |" for r in rows]
-    return lines
-
-
-def implicit_table(rows):
-    """Eq. 5 measured: how often beta log(pi / pi_ref) orders held-out and training pairs as the ground
-    truth does, for each method with a reference (DPO, IPO, KTO)."""
-    lines = ["| method | setting | step | implicit-reward accuracy, held-out pairs | on training pairs |", "|---|---|---|---|---|"]
-    lines += [f"| {r['method']} | {r['setting']} | {r['step']} | {r['implicit_acc_heldout']:.3f} | {r['implicit_acc_train']:.3f} |"
-              for r in rows if "implicit_acc_heldout" in r]
-    return lines
-
-
-KL_BUDGETS = (3, 6, 12)
-
-
-def kl_budget_table(rows):
-    """Each method's best mean reward among its points (every setting and evaluation) with KL at most
-    3, 6 and 12 nats. The best of several noisy points leans high by about a standard error."""
-    lines = ["| method | " + " | ".join(f"best reward at KL <= {b}" for b in KL_BUDGETS) + " |", "|---|" + "---|" * len(KL_BUDGETS)]
-    for method in dict.fromkeys(r["method"] for r in rows):
-        cells = []
-        for budget in KL_BUDGETS:
-            best = max((r for r in rows if r["method"] == method and r["kl"] <= budget), key=lambda r: r["reward"], default=None)
-            cells.append("-" if best is None else f"{best['reward']:.3f} ± {best['reward_se']:.3f} (KL {shown_kl(best['kl'], 1)})")
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return lines
 
 
 def read_stage_times(run):
@@ -736,7 +766,12 @@ def recorded(cfg, names):
 def stage_settings(run, name):
     """The settings a stage's artifacts are made with: the data, its own and those of every stage before it."""
     order = list(STAGES)
-    return {"data": run.data_id, **recorded(run.cfg, [s for stage in order[:order.index(name) + 1] for s in STAGES[stage].settings])}
+    settings = {"data": run.data_id, **recorded(run.cfg, [s for stage in order[:order.index(name) + 1] for s in STAGES[stage].settings])}
+    if settings.get("ground_truth"):  # a folder stands for its contents: moved, it is the same; changed, it is not
+        settings["ground_truth"] = folder_identity(settings["ground_truth"])
+    elif "ground_truth" in settings:  # the n-gram classifier: the reward stage's settings say what it is
+        del settings["ground_truth"]
+    return settings
 
 
 def method_settings(run, name, params):
@@ -788,8 +823,8 @@ def require_done(run, stages):
 
 
 def check_inputs(run):
-    """The checks that need the processes or open a file, made before anything is removed: a bad --init,
-    a batch the ranks cannot share or a damaged stage_times.json stops the run with OUT as it was."""
+    """The checks that need the processes or open a file, made before anything is removed: a bad --init or
+    --ground-truth, a batch the ranks cannot share or a damaged stage_times.json stops the run with OUT as it was."""
     cfg = run.cfg
     for flag, batch in (("--sft-batch-size", cfg.sft.batch_size), ("--judge-batch-size", cfg.judge.batch_size),
                         ("--rm-batch-size", cfg.rm.batch_size), ("--dpo-micro-batch-size", cfg.dpo.micro_batch_size)):
@@ -798,6 +833,8 @@ def check_inputs(run):
     sft_runs = cfg.stage in ("all", "sft") and (cfg.force or not is_done(run, "sft", stage_settings(run, "sft")))
     if cfg.init != "scratch" and sft_runs:
         build_model(sft_config(cfg), "cpu")  # the weights --init names load (then are freed), or the error says why
+    if cfg.ground_truth:
+        load_classifier(cfg.ground_truth)  # its tensors, names, shapes and vocabulary checked, or the error says why
 
 
 RECORDS_FORMAT = 2  # 2: settings by section ("dpo.lr"); 1 (no "format" key): one flat list of flags
@@ -849,22 +886,37 @@ def main():
                        description=__doc__)
     device = setup_device(cfg.device)
     run = Run(cfg, load_imdb(cfg.data, verify=cfg.data_verify), device)
-    check_inputs(run)
-    if cfg.stage != "all":
-        require_done(run, list(STAGES)[:list(STAGES).index(cfg.stage)])
-    for name, stage in STAGES.items():
-        if cfg.stage not in ("all", name):
-            continue
-        t0 = time.time()
-        if stage.artifacts is None:
-            print0(f"=== {name}")
-            result = stage.run(run)
-        else:
-            result = bring_up_to_date(run, name, name, stage_settings(run, name), stage.artifacts, lambda: stage.run(run))
-        barrier()
-        if result is not None:
-            record_time(run, name, time.time() - t0, result)
+    runs = [owner for _, owner, _ in seed_runs(run)] if cfg.seed_scope == "all" else [run]  # each with its own stages
+    for each in runs:
+        check_inputs(each)
+        if cfg.stage != "all":
+            require_done(each, list(STAGES)[:list(STAGES).index(cfg.stage)])
+    stages = [name for name in STAGES if cfg.stage in ("all", name)]
+    for each in runs:  # every seed's stages (--seed-scope all), then the report of them all
+        for k, name in enumerate(stages, 1):
+            if name != "report":
+                print0(f"--- stage {k}/{len(stages)}: {name}" + (f" ({each.cfg.out})" if len(runs) > 1 else ""))
+                run_stage(each, name)
+    if "report" in stages:
+        print0(f"--- stage {len(stages)}/{len(stages)}: report")
+        run_stage(run, "report")
     print0("stage times: " + ", ".join(f"{k} {v['seconds']:.0f}s" for k, v in read_stage_times(run).items()))
+    if "report" in stages:
+        print0(f"the frontier: {run.path('frontier.png')}, the training curves: {run.path('curves.png')}, the tables and "
+               f"samples: {run.path('report.md')}, every point: {run.path('results.jsonl')}")
+
+
+def run_stage(run, name):
+    """One stage, skipped if done with these settings, its time recorded in stage_times.json."""
+    stage, t0 = STAGES[name], time.time()
+    if stage.artifacts is None:
+        print0(f"=== {name}")
+        result = stage.run(run)
+    else:
+        result = bring_up_to_date(run, name, name, stage_settings(run, name), stage.artifacts, lambda: stage.run(run))
+    barrier()
+    if result is not None:
+        record_time(run, name, time.time() - t0, result)
 
 
 if __name__ == "__main__":

@@ -90,7 +90,8 @@ class FakeClassifier(torch.nn.Module):
 def test_kl_is_exactly_zero_when_policy_equals_reference():
     policy = tiny_gpt().eval()
     prompts = [[10, 11], [12, 13, 14, 15], [16, 17, 18]]
-    metrics, completions = evaluate_policy(policy, copy.deepcopy(policy), FakeClassifier(), FakeClassifier(0), prompts, 6, 2, seed=0)
+    metrics, samples = evaluate_policy(policy, copy.deepcopy(policy), FakeClassifier(), FakeClassifier(0), prompts, 6, 2, seed=0)
+    completions = [s["completion_ids"] for s in samples]
     assert metrics["kl"] == 0.0 and metrics["kl_se"] == 0.0
     assert all(len(c) == 6 for c in completions)
     assert 0.0 <= metrics["reward"] <= 1.0
@@ -101,7 +102,10 @@ def test_point_statistics_equal_direct_computation_from_the_samples():
     mean per-token reference log-prob, each recomputed from the completions with float64 loops."""
     policy, reference = tiny_gpt(seed=0).eval(), tiny_gpt(seed=1).eval()
     prompts = [[10 + i] * (1 + i % 3) for i in range(9)]
-    point, completions = evaluate_policy(policy, reference, FakeClassifier(), FakeClassifier(0), prompts, 5, 4, seed=0)
+    point, samples = evaluate_policy(policy, reference, FakeClassifier(), FakeClassifier(0), prompts, 5, 4, seed=0)
+    completions = [s["completion_ids"] for s in samples]
+    assert [s["prompt_ids"] for s in samples] == prompts and [s["reward"] for s in samples] == FakeClassifier().score(
+        [p + c for p, c in zip(prompts, completions)]).tolist()
     reference = reference.double()
     texts = [p + c for p, c in zip(prompts, completions)]
 
@@ -235,6 +239,19 @@ def test_smoke_pipeline_writes_results_and_resumes_after_a_kill(tmp_path, tiny_i
         assert ("implicit_acc_heldout" in r and "implicit_acc_train" in r) == (r["method"] == "DPO")
     dpo_steps = sorted(r["step"] for r in rows if r["method"] == "DPO" and r["setting"] == "beta=0.1")
     assert dpo_steps == [0, 3, 6]  # eval_interval 3 of the smoke preset, 6 steps
+    # each evaluation's samples: one row per prefix, whose mean reward is the point's; rescore.py reads them back
+    completions = read_jsonl(out / "dpo_beta0.1" / "completions.jsonl")
+    for r in rows:
+        if r["method"] == "DPO" and r["setting"] == "beta=0.1":
+            at_step = [c for c in completions if c["step"] == r["step"]]
+            assert sorted(c["index"] for c in at_step) == list(range(8))
+            assert sum(c["reward"] for c in at_step) / 8 == pytest.approx(r["reward"], abs=1e-12)
+            assert sum(c["kl"] for c in at_step) / 8 == pytest.approx(r["kl"], abs=1e-6)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "rescore.py"), "--run", str(out), "--scorer",
+                             str(out / "reward.pt")], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for point in read_jsonl(out / "rescored.jsonl"):  # the ground truth itself as the scorer: its own numbers back
+        assert point["scorer_reward"] == pytest.approx(point["reward"], abs=1e-9)
     assert sorted(r["step"] for r in rows if r["method"] == "PPO-GT") == [0, 2]  # ppo_eval_interval 2, 2 steps
     assert next(r for r in rows if r["method"] == "SFT")["kl"] == 0.0
     best_of_n = {r["setting"]: r for r in rows if r["method"] == "Best-of-N"}
@@ -431,7 +448,7 @@ def trainer_inputs(cfg, name, folder_root, monkeypatch):
         return lambda *args, **kwargs: (calls.append([plain(a) for a in args] + [plain(kwargs)]), returns)[1]
     for trainer, returns in (("train_dpo", "x.pt"), ("train_lm", "x.pt"), ("train_ppo", "x.pt"), ("train_sppo", "x.pt"),
                              ("rso_pairs", ([], 0.5)), ("generate", [[1]] * 4096), ("reward_function", None),
-                             ("load_model", mock.MagicMock()), ("read_jsonl", []), ("score_completions", {})):
+                             ("load_model", mock.MagicMock()), ("read_jsonl", []), ("score_completions", ({}, []))):
         monkeypatch.setattr(train, trainer, recorder(returns))
     run = types.SimpleNamespace(cfg=cfg, device="cpu", path=lambda n: os.path.join(str(folder_root), n),
                                 train_prompts=[[1, 2]] * 4, evaluator=mock.MagicMock(prompts=[[1, 2]] * 4),
@@ -478,3 +495,50 @@ def test_every_method_run_records_each_setting_its_trainer_reads(name, tmp_path,
                     assert train.method_settings(types.SimpleNamespace(cfg=changed, data_id="d"), name, params) != \
                         recorded[folder], f"{name}: --{f.name} {field_name or ''} changes {folder}'s run but not its record"
     assert checked > 0 or name in ("sft_point", "best_of_n"), f"no setting changed what {name} runs: the recorder missed it"
+
+
+QUICK = ["--preset", "smoke", "--no-data-verify", "--device", "cpu", "--sft-steps", "4", "--reward-steps", "4",
+         "--judge-steps", "4", "--methods", "sft_point,dpo", "--betas", "0.1", "--dpo-steps", "4", "--dpo-eval-interval", "2"]
+
+
+def test_seeds_run_each_method_again_resume_on_their_own_and_report_a_mean_with_its_interval(tmp_path, tiny_imdb):
+    """--seeds 2 (--seed-scope methods): seed 1's runs beside seed 0's, which a one-seed run made and which are
+    not redone; a kill in seed 1's DPO run resumes it alone; the rows equal an uninterrupted run's."""
+    out, straight = tmp_path / "run", tmp_path / "straight"
+    args = QUICK + ["--data", tiny_imdb, "--out", str(out)]
+    code, log = run_train(args, tmp_path)  # one seed
+    assert code == 0, log[-3000:]
+    one_seed = read_jsonl(out / "results.jsonl")
+    code, log = run_train(args + ["--seeds", "2"], tmp_path, kill_when=out / "dpo_beta0.1_seed1" / "dpo_log.jsonl")
+    assert code == -signal.SIGKILL, log[-2000:]
+    assert "=== dpo_beta0.1: done already" in log
+    code, log = run_train(args + ["--seeds", "2"], tmp_path)
+    assert code == 0, log[-3000:]
+    assert "=== dpo_beta0.1: done already" in log and "=== sft_point_seed1: done already" in log
+    assert "dpo_beta0.1_seed1: done already" not in log  # killed while it trained: continued
+    rows = read_jsonl(out / "results.jsonl")
+    assert [r for r in rows if r["seed"] == 0] == one_seed  # seed 0 is the one-seed run, untouched
+    dpo = {(r["seed"], r["step"]): r for r in rows if r["method"] == "DPO"}
+    assert sorted(dpo) == [(0, 0), (0, 2), (0, 4), (1, 0), (1, 2), (1, 4)]
+    assert dpo[(1, 0)]["reward"] == dpo[(0, 0)]["reward"]  # step 0 is the SFT model: the same fixed evaluation
+    assert dpo[(1, 4)]["reward"] != dpo[(0, 4)]["reward"]  # another seed, another training run
+    code, log = run_train(QUICK + ["--data", tiny_imdb, "--out", str(straight), "--seeds", "2"], tmp_path)
+    assert code == 0, log[-3000:]
+
+    def numbers(rows):
+        return [{k: v for k, v in r.items() if k != "wall_time"} for r in rows]
+    assert numbers(read_jsonl(straight / "results.jsonl")) == numbers(rows)
+    report = (out / "report.md").read_text()
+    assert "95% interval over 2 seeds" in report and "gain in reward over SFT at KL <= 10" in report
+
+
+def test_seed_scope_all_reruns_every_stage_in_its_own_folder(tmp_path, tiny_imdb):
+    out = tmp_path / "run"
+    code, log = run_train(QUICK + ["--data", tiny_imdb, "--out", str(out), "--seeds", "2", "--seed-scope", "all"], tmp_path)
+    assert code == 0, log[-3000:]
+    assert (out / "sft.pt").exists() and (out / "seed1" / "sft.pt").exists() and (out / "seed1" / "dpo_beta0.1").is_dir()
+    assert (out / "pairs.jsonl").read_bytes() != (out / "seed1" / "pairs.jsonl").read_bytes()  # another SFT model's samples
+    rows = read_jsonl(out / "results.jsonl")
+    sft = {r["seed"]: r for r in rows if r["method"] == "SFT"}
+    assert sorted(sft) == [0, 1] and sft[0]["reward"] != sft[1]["reward"]
+    assert not (out / "seed1" / "results.jsonl").exists()  # one report, of both seeds

@@ -5,6 +5,7 @@ import errno
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -16,11 +17,12 @@ import pytest
 import torch
 
 import dpo
+import report
 import reward
 import sample
 import sft
 import train
-from checkpoint import append_jsonl, atomic_write, load_checkpoint, load_model, read_jsonl, run_identity, save_checkpoint
+from checkpoint import append_jsonl, atomic_write, load_checkpoint, load_model, read_jsonl, run_identity, save_checkpoint, write_jsonl
 from cli import UserError, parse_config, run_main
 from conftest import kill_when_written, save_tiny_checkpoint, tiny_gpt
 from optim import apply_gradients
@@ -214,12 +216,12 @@ def test_scripts_chain_through_their_default_paths(tmp_path, tiny_imdb):
         return result.stdout
 
     script("sft.py", "--preset", "smoke", "--no-data-verify", "--steps", "2")
-    assert "--- sample 3" in script("sample.py")  # no flags at all: out/sft/sft.pt, 4 samples
+    assert "--- sample 3" in script("sample.py")  # no flags at all: out/sft.pt, 4 samples
     script("reward.py", "--no-data-verify", "--steps", "2", "--batch-size", "4", "--test-reviews", "8", "--bits", "16")
-    assert (tmp_path / "out" / "reward" / "reward.pt").exists()
+    assert (tmp_path / "out" / "reward.pt").exists()  # where train.py writes it: one layout
     script("reward.py", "--no-data-verify", "--kind", "gpt", "--name", "judge", "--steps", "2", "--batch-size", "4",
-           "--test-reviews", "8")  # the trunk classifier starts from out/sft/sft.pt
-    assert (tmp_path / "out" / "reward" / "judge.pt").exists()
+           "--test-reviews", "8")  # the trunk classifier starts from out/sft.pt
+    assert (tmp_path / "out" / "judge.pt").exists()
     with open(tmp_path / "pairs.jsonl", "w") as f:
         for i in range(4):
             f.write(json.dumps({"prompt": f"Review {i}:", "chosen": " a delight.", "rejected": " a bore."}) + "\n")
@@ -559,7 +561,7 @@ def test_an_evaluation_row_missing_a_number_is_a_one_line_error_naming_its_line(
     path = tmp_path / "eval.jsonl"
     path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "reward": "high"}) + "\n" + json.dumps(good) + "\n")
     with pytest.raises(UserError, match=r"eval.jsonl:2: JSON but not an evaluation row"):
-        train.read_rows(str(path))
+        report.read_rows(str(path))
 
 
 @pytest.mark.parametrize("flags, says", [(["--ppo-epochs", "0"], "--ppo-epochs must be positive"),
@@ -586,3 +588,42 @@ def test_a_checkpoint_whose_parts_are_not_dicts_is_a_one_line_error(tmp_path, st
     torch.save(state, tmp_path / "x.pt")
     with pytest.raises(UserError, match="is not a checkpoint of this project"):
         load_checkpoint(str(tmp_path / "x.pt"))
+
+
+# ---------------------------------------------------------------------------- the README's commands after train.py
+README_SIZES = {  # flags that only make the README's commands fit a test; no path among them
+    "sample.py": ["--n", "2", "--max-new-tokens", "4", "--device", "cpu"],
+    "export.py": [],
+    "rescore.py": [],
+    "dpo.py": ["--steps", "2", "--batch-size", "2", "--micro-batch-size", "2", "--device", "cpu"],
+    "ppo.py": ["--no-data-verify", "--n-prefixes", "8", "--steps", "1", "--batch-size", "4", "--minibatch-size", "2",
+               "--norm-samples", "4", "--max-new-tokens", "4", "--device", "cpu"],
+}
+
+
+def readme_commands_after_train():
+    text = open(os.path.join(ROOT, "README.md")).read()
+    block = text.split("<!-- after-train -->\n```bash\n")[1].split("```")[0]
+    return [shlex.split(line.split("#")[0]) for line in block.strip().splitlines()]
+
+
+def test_every_readme_command_after_train_py_works_with_no_path_flags(finished_run, tmp_path, tiny_imdb):
+    """`python train.py` (here a short smoke run in out/), then the README's next commands as written (plus only
+    size flags): each finds what train.py wrote, and export.py's folder loads back with the same logits."""
+    out, _ = finished_run
+    shutil.copytree(out, tmp_path / "out")
+    write_jsonl(tmp_path / "my_pairs.jsonl", [{"prompt": f"Review {i}:", "chosen": " a delight.", "rejected": " a bore."}
+                                              for i in range(4)])
+    commands = readme_commands_after_train()
+    assert [c[1] for c in commands] == list(README_SIZES)
+    for command in commands:
+        result = subprocess.run([sys.executable, os.path.join(ROOT, command[1]), *command[2:], *README_SIZES[command[1]]], cwd=tmp_path, text=True,
+                                capture_output=True, env={**os.environ, "PYTHONPATH": ROOT, "IMDB_ARCHIVE": tiny_imdb},
+                                timeout=600)
+        assert result.returncode == 0, (command, result.stderr[-2000:])
+    policy = load_model(str(tmp_path / "out" / "dpo_beta0.1" / "dpo.pt"))
+    x = torch.randint(0, 50257, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(load_model(str(tmp_path / "hf"))(x), policy(x), atol=1e-5, rtol=0)
+    assert (tmp_path / "out" / "rescored.jsonl").exists() and (tmp_path / "out" / "dpo" / "dpo.pt").exists()
+    assert (tmp_path / "out" / "ppo" / "ppo.pt").exists()

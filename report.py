@@ -207,7 +207,7 @@ def plot_frontier(means, path, ground_truth="n-gram classifier"):
             points = [r for r in means if r["method"] == method]
             style = dict(marker="*", markersize=12, zorder=3) if len(points) == 1 else dict(marker="o", markersize=4, alpha=0.8)
             yerr = [r[key + "_se"] if seeds == 1 else r[key + "_ci"] for r in points]
-            xerr = None if seeds == 1 else [r["kl_ci"] for r in points]
+            xerr = None if seeds == 1 else [[min(r["kl_ci"], r["kl"]) for r in points], [r["kl_ci"] for r in points]]  # KL >= 0
             ax.errorbar([r["kl"] for r in points], [r[key] for r in points], yerr=yerr, xerr=xerr,
                         label=method, capsize=2, linestyle="none", **style)
         ax.set_xlabel("KL(pi || pi_ref)  [nats, sum over generated tokens]")

@@ -6,6 +6,7 @@ an extracted aclImdb/ folder is walked. Splits: train (25k labelled), test (25k 
 unsup (50k unlabelled). Token ids are cached on disk as a uint16 memmap, one end-of-text token
 after every review, so a second run starts in seconds.
 """
+import functools
 import gzip
 import hashlib
 import json
@@ -67,6 +68,7 @@ def bpe_parts(token, ranks):
     return parts
 
 
+@functools.lru_cache(maxsize=None)  # seconds to rebuild; each RoBERTa folder's check and each export reads it
 def tokenizer_files(encoding):
     """vocab.json {token string: id} and merges.txt (one "a b" pair a line, in rank order) of a tiktoken
     BPE whose ranks are the ids (GPT-2's r50k_base)."""

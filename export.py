@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 
 from checkpoint import atomic_write, load_model
-from cli import UserError, parse_config, run_main
+from cli import parse_config, run_main
 from data import EOT, get_encoding, tokenizer_files
 from pretrained import CONV1D, write_safetensors
 
@@ -68,9 +68,7 @@ def export(ckpt, out):
 
 
 def main():
-    cfg = parse_config(ExportConfig, description=__doc__)
-    if os.path.isfile(cfg.out):
-        raise UserError(f"--out {cfg.out} is a file; pass a folder")
+    cfg = parse_config(ExportConfig, description=__doc__)  # an --out that is a file is refused there
     files = export(cfg.ckpt, cfg.out)
     print(f"wrote {', '.join(files)} to {cfg.out}\n"
           f"load it: AutoModelForCausalLM.from_pretrained({cfg.out!r}), AutoTokenizer.from_pretrained({cfg.out!r})")

@@ -70,7 +70,7 @@ def rows_of(path, data, max_length):
             array = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise UserError(f"{path} starts like a JSON array but is not one ({str(e)[:100]}); accepted: {FORMATS}") from None
-        for number, row in enumerate(array if isinstance(array, list) else [array], 1):
+        for number, row in enumerate(array, 1):  # text that starts with "[" parses only to a list
             yield f": item {number}", row
         return
     for number, line in enumerate(data.split(b"\n"), 1):

@@ -223,8 +223,8 @@ def download_gpt2(name):
         raise ValueError(f"{name!r} is neither a published GPT-2 ({', '.join(GPT2_SIZES)}) nor an existing folder or "
                          f".safetensors file")
     folder = os.path.join(os.environ.get("GPT2_CACHE_DIR", "data/gpt2"), name)
-    for file in ("config.json", "model.safetensors"):
-        if not os.path.exists(os.path.join(folder, "model.safetensors")):  # a cached model.safetensors alone loads too
+    if not os.path.exists(os.path.join(folder, "model.safetensors")):  # a cached model.safetensors alone loads too
+        for file in ("config.json", "model.safetensors"):
             download(f"{HUB}/{name}/resolve/main/{file}", os.path.join(folder, file), f"{name}'s {file}",
                      by_hand=f"on a machine with network access, download config.json and model.safetensors from "
                              f"{HUB}/{name} into {folder}, or pass --init a save_pretrained folder")

@@ -8,6 +8,7 @@ numbers are means over the seeds' training runs and the ± is the half-width of 
 seeds: mean ± t(0.975, n - 1) s / sqrt(n), s the standard deviation of the n seeds' values. Only a
 seed-to-seed interval says whether a method beats another; the prefix standard error cannot.
 """
+import functools
 import math
 
 import numpy as np
@@ -34,6 +35,7 @@ def read_rows(jsonl, seed=0):
 
 
 # ---------------------------------------------------------------------------- confidence intervals over seeds
+@functools.lru_cache(maxsize=None)  # the same few (p, df) for every point of a report
 def t_quantile(p, df):
     """The p-quantile (p >= 1/2) of Student's t with df degrees of freedom: bisection on its CDF,
     1/2 plus the density integrated from 0 by Simpson's rule (no scipy)."""
@@ -135,7 +137,7 @@ def kl_budget_table(rows):
     """Each method's best reward with KL at most 3, 6 and 12 nats, taken in each seed, then its mean over
     seeds with the interval. The best of several noisy points leans high by about a standard error."""
     seeds = seeds_of(rows)
-    lines = [f"| method | " + " | ".join(f"best reward at KL <= {b}" for b in KL_BUDGETS) + f" |  ({interval_words(len(seeds))})",
+    lines = ["| method | " + " | ".join(f"best reward at KL <= {b}" for b in KL_BUDGETS) + f" |  ({interval_words(len(seeds))})",
              "|---|" + "---|" * len(KL_BUDGETS)]
     for method in dict.fromkeys(r["method"] for r in rows):
         cells = []

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from checkpoint import read_jsonl, write_jsonl
-from cli import UserError, parse_config, run_main
+from cli import UserError, check, parse_config, run_main
 from evaluate import shown_kl, standard_error
 from reward import load_classifier
 
@@ -29,8 +29,7 @@ class RescoreConfig:
     batch_size: int = field(default=64, metadata={"help": "texts scored at a time"})
 
     def validate(self):
-        if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
+        check(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
 
 
 def read_completions(path):

@@ -448,10 +448,18 @@ class Run:
             preference_sets = {"heldout": read_jsonl(self.path("heldout_pairs.jsonl")),
                                "train": [p for p in train_pairs if tuple(p["prompt_ids"]) in sampled]}
             self.loaded["evaluator"] = Evaluator(
-                load_model(self.path("sft.pt")).to(self.device).eval(), load_classifier(ground_truth_path(cfg)).to(self.device),
+                load_model(self.path("sft.pt")).to(self.device).eval(), self.ground_truth,
                 load_classifier(self.path("judge.pt")).to(self.device), self.eval_prompts, cfg.max_new_tokens,
                 cfg.sample_batch_size, self.eval_seed, preference_sets)
         return self.loaded["evaluator"]
+
+    @property
+    def ground_truth(self):
+        """The ground truth r(x, y) (ground_truth_path), loaded once: the pairs, the evaluator and the
+        up-front check of a --ground-truth folder share it."""
+        if "ground_truth" not in self.loaded:
+            self.loaded["ground_truth"] = load_classifier(ground_truth_path(self.cfg)).to(self.device)
+        return self.loaded["ground_truth"]
 
     @property
     def learned_reward(self):
@@ -487,7 +495,7 @@ def run_classifier(run, name, config):
 def run_pairs(run):
     cfg = run.cfg
     policy = load_model(run.path("sft.pt")).to(run.device).eval()
-    reward_model = load_classifier(ground_truth_path(cfg)).to(run.device)
+    reward_model = run.ground_truth
     result = {}
     # the training pairs, and the held-out ones made the same way from test prefixes (for the implicit reward)
     for name, prompts, seed in (("pairs", run.train_prompts, cfg.seed), ("heldout_pairs", run.heldout_prompts, cfg.seed + 2)):
@@ -659,9 +667,11 @@ def run_report(run):
     """Every chosen method's evaluations, of every seed: the tables (report.py) printed and written to
     report.md with a few samples, results.jsonl (one row per evaluation and seed), frontier.png."""
     cfg = run.cfg
-    summary = json.dumps(read_stage_times(run), indent=1)
+    times = read_stage_times(run)
+    summary = json.dumps(times, indent=1)
     rows, lines, curves = [], [], {}
     for seed, owner, view in seed_runs(run):
+        owner_times = read_stage_times(owner)
         for name in cfg.method_list():
             for folder, (settings, _) in method_runs(view, name).items():
                 if not is_done(owner, folder, settings):
@@ -670,7 +680,7 @@ def run_report(run):
                 rows += evaluations
                 logs = sorted(glob.glob(os.path.join(glob.escape(owner.path(folder)), "*_log.jsonl")))  # its trainer's log
                 curves[os.path.relpath(owner.path(folder), cfg.out)] = ([r for log in logs for r in read_jsonl(log)], evaluations)
-                sampled = read_stage_times(owner).get(folder, {})
+                sampled = owner_times.get(folder, {})
                 if "rso_acceptance_rate" in sampled:
                     lines.append(f"RSO ({os.path.relpath(owner.path(folder), cfg.out)}): acceptance rate "
                                  f"{sampled['rso_acceptance_rate']:.3f}, "
@@ -678,7 +688,7 @@ def run_report(run):
     means = over_seeds(rows)
     scorer = f"RoBERTa classifier {cfg.ground_truth}" if cfg.ground_truth else "n-gram classifier, reward.pt"
     lines.insert(0, f"ground truth r(x, y): the {scorer}; second judge: the GPT-trunk classifier, judge.pt")
-    rm = read_stage_times(run).get("rm")
+    rm = times.get("rm")
     if rm is not None:
         lines.insert(1, f"RLHF's Bradley-Terry reward model (rm.pt): pair accuracy {rm['rm_heldout_acc']:.3f} held out, "
                         f"{rm['rm_train_acc']:.3f} on training pairs")
@@ -834,7 +844,7 @@ def check_inputs(run):
     if cfg.init != "scratch" and sft_runs:
         build_model(sft_config(cfg), "cpu")  # the weights --init names load (then are freed), or the error says why
     if cfg.ground_truth:
-        load_classifier(cfg.ground_truth)  # its tensors, names, shapes and vocabulary checked, or the error says why
+        run.ground_truth  # the folder's tensors, names, shapes and vocabulary checked (and kept), or the error says why
 
 
 RECORDS_FORMAT = 2  # 2: settings by section ("dpo.lr"); 1 (no "format" key): one flat list of flags

@@ -368,7 +368,6 @@ class Hub:
     def __init__(self, files, stated_sha256=None):
         import http.server
         import threading
-        hub = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def log_message(self, *args):

@@ -39,6 +39,7 @@ class BenchConfig:
     n_head: int = field(default=4, metadata={"help": "attention heads"})
     n_embd: int = field(default=128, metadata={"help": "model width"})
     block_size: int = field(default=128, metadata={"help": "context; also the SFT sequence length"})
+    output_vocab: int = field(default=8192, metadata={"help": "tokens the LM head scores, as train.py's --output-vocab (0: all 50,257)"})
     batch_size: int = field(default=16, metadata={"help": "SFT sequences per step"})
     dpo_batch_size: int = field(default=8, metadata={"help": "DPO pairs per step"})
     response_len: int = field(default=48, metadata={"help": "tokens per DPO response, before its end-of-text"})
@@ -58,6 +59,8 @@ class BenchConfig:
                      "sample_batch_size", "eval_prompts", "max_new_tokens", "repeats"):
             check(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         check(self.warmup >= 0, f"--warmup must be >= 0, got {self.warmup}")
+        check(self.output_vocab == 0 or 2 <= self.output_vocab <= EOT + 1,
+              f"--output-vocab must be 0 (every token) or in [2, {EOT + 1}], got {self.output_vocab}")
         check(self.n_embd % self.n_head == 0, f"--n-embd {self.n_embd} must be divisible by --n-head {self.n_head}")
         longest = PROMPT_LENGTHS[1]
         check(longest + self.response_len + 1 <= self.block_size,
@@ -67,23 +70,33 @@ class BenchConfig:
 
 
 PRESETS = {
-    "smoke": dict(n_layer=2, n_head=2, n_embd=64, block_size=64, batch_size=4, dpo_batch_size=2, response_len=16,
+    "smoke": dict(n_layer=2, n_head=2, n_embd=64, block_size=64, output_vocab=512, batch_size=4, dpo_batch_size=2, response_len=16,
                   sample_batch_size=4, eval_prompts=8, max_new_tokens=16),
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16, dpo_batch_size=8, sample_batch_size=16),
-    "gpu": dict(n_layer=12, n_head=12, n_embd=768, block_size=256, batch_size=64, dpo_batch_size=64, sample_batch_size=256,
+    "gpu": dict(n_layer=12, n_head=12, n_embd=768, block_size=256, output_vocab=0, batch_size=64, dpo_batch_size=64, sample_batch_size=256,
                 eval_prompts=512, warmup=3, repeats=10),  # iterations are cheap on a GPU; the first also compiles
 }
 
 
 # ---------------------------------------------------------------------------- inputs and timing
 def new_model(cfg, device):
-    """A fresh GPT-2-vocabulary model, the same random weights at every call."""
+    """A fresh GPT-2-vocabulary model, the same random weights at every call; with --output-vocab K, its
+    head scores ids 0..K-2 and end-of-text (which K tokens changes no timing)."""
     seed_everything(cfg.seed)
-    return GPT(GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)).to(device)
+    model = GPT(GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                          output_vocab=cfg.output_vocab))
+    if cfg.output_vocab:
+        model.output_ids.copy_(torch.cat([torch.arange(cfg.output_vocab - 1), torch.tensor([EOT])]))
+    return model.to(device)
 
 
-def random_tokens(n, generator):
-    return torch.randint(0, EOT, (n,), generator=generator).tolist()  # any token but end-of-text
+def scored_below(cfg):
+    """new_model's head scores every id below this (and end-of-text): the tokens its losses are taken on."""
+    return cfg.output_vocab - 1 if cfg.output_vocab else EOT
+
+
+def random_tokens(n, generator, high=EOT):
+    return torch.randint(0, high, (n,), generator=generator).tolist()  # any token below high (end-of-text)
 
 
 def random_prompts(n, generator):
@@ -112,8 +125,8 @@ def median_seconds(step, cfg, device):
 
 # ---------------------------------------------------------------------------- the benchmarks
 # Each returns (config, throughput, unit, FLOPs per unit, the formula of that count).
-# N = model.num_params(): every weight but the position embedding (the tied token embedding is the
-# output head's matmul); L layers, C width, T sequence length.
+# N = model.multiplied_params(): every weight but the position embedding (the tied token embedding is the
+# output head's matmul; with --output-vocab, only the rows the head scores); L layers, C width, T sequence length.
 
 def bench_sft(cfg, device):
     """One AdamW step on batch_size x block_size tokens: sft.sft_step, as sft.train_lm takes it."""
@@ -121,7 +134,7 @@ def bench_sft(cfg, device):
     forward = torch.compile(model) if cfg.compile and device.startswith("cuda") else model
     trainer = sft.SFTConfig()  # the trainer's optimizer settings
     optimizer = adamw(model, trainer.lr, trainer.weight_decay, (0.9, 0.95), device)
-    windows = torch.randint(0, EOT, (cfg.batch_size, cfg.block_size + 1), device=device)  # (B, T + 1)
+    windows = torch.randint(0, scored_below(cfg), (cfg.batch_size, cfg.block_size + 1), device=device)  # (B, T + 1)
 
     def step():
         sft.sft_step(model, optimizer, [windows], trainer.lr, trainer.grad_clip, step=0, forward=forward)
@@ -139,7 +152,8 @@ def bench_dpo(cfg, device, live_reference):
     trainer = dpo.DPOConfig()  # the trainer's defaults: the paper's RMSprop, lr and beta
     optimizer = torch.optim.RMSprop(policy.parameters(), lr=trainer.lr)
     generator = torch.Generator().manual_seed(cfg.seed)
-    pairs = [dpo.PreferencePair(prompt, random_tokens(cfg.response_len, generator), random_tokens(cfg.response_len, generator))
+    pairs = [dpo.PreferencePair(prompt, random_tokens(cfg.response_len, generator, scored_below(cfg)),
+                                random_tokens(cfg.response_len, generator, scored_below(cfg)))
              for prompt in random_prompts(cfg.dpo_batch_size, generator)]
     precomputed = None
     if not live_reference:
@@ -151,7 +165,7 @@ def bench_dpo(cfg, device, live_reference):
 
     seconds = median_seconds(step, cfg, device)
     T = dpo.collate(pairs, cfg.block_size)[0].size(1)  # the padded length of both rows of a pair
-    R, head = cfg.response_len + 1, policy.config.vocab_size * policy.config.n_embd  # response + EOT; the LM head's weights
+    R, head = cfg.response_len + 1, (cfg.output_vocab or EOT + 1) * cfg.n_embd  # response + EOT; the LM head's weights
     # per pair: policy forward + backward over 2 rows of T tokens, 2T (6N + 12LCT), less the LM head at
     # the T - R positions that predict no response token (logprobs.response_token_logps skips them), 6VC each;
     # a live reference adds their forward, a third of that
@@ -181,7 +195,7 @@ def sampling_flops(model, prompts, max_new_tokens):
     mean context is P + (n_new - 1) / 2; the prefill's other prompt positions are left out."""
     c = model.config
     context = max(len(p) for p in prompts) + (max_new_tokens - 1) / 2
-    return 2 * model.num_params() + 4 * c.n_layer * c.n_embd * context, f"2N + 4LC x context, context={context:g}"
+    return 2 * model.multiplied_params() + 4 * c.n_layer * c.n_embd * context, f"2N + 4LC x context, context={context:g}"
 
 
 class RandomScores:
@@ -205,7 +219,7 @@ def bench_evaluation(cfg, device):
 
     seconds = median_seconds(step, cfg, device)
     per_token, _ = sampling_flops(policy, prompts, cfg.max_new_tokens)
-    T, N = max(len(p) for p in prompts) + cfg.max_new_tokens, policy.num_params()
+    T, N = max(len(p) for p in prompts) + cfg.max_new_tokens, policy.multiplied_params()
     # per prompt: sampling L tokens, then the policy's and the reference's forward over T tokens (2 x 2N each)
     flops = cfg.max_new_tokens * per_token + T * 4 * N
     return (f"{cfg.eval_prompts} x {cfg.max_new_tokens}", cfg.eval_prompts / seconds, "prompts/s", flops,
@@ -235,7 +249,7 @@ def bench_ppo(cfg, device):
         ppo.update(policy, critic, optimizers, batch, trainer, trainer.lr, trainer.critic_lr, step=0)
 
     seconds = median_seconds(step, cfg, device)
-    L, T, N = cfg.max_new_tokens, max(len(p) for p in prompts) + cfg.max_new_tokens, policy.num_params()
+    L, T, N = cfg.max_new_tokens, max(len(p) for p in prompts) + cfg.max_new_tokens, policy.multiplied_params()
     # per rollout: sampling L tokens (2N each), the policy's and reference's forward over T tokens
     # (2 x 2N each), and per epoch the policy's forward + backward (6N per token). The critic (the
     # trunk alone) and attention are left out, so the count is a little low.
@@ -285,7 +299,7 @@ def main(argv=None):
     chosen = [name for name in benchmarks if not cfg.only or any(name.startswith(w.strip()) for w in cfg.only.split(","))]
     if not chosen:
         raise UserError(f"--only {cfg.only!r} names no benchmark; the benchmarks are: {', '.join(benchmarks)}")
-    print(f"bench: N = {new_model(cfg, 'cpu').num_params():,} parameters, L={cfg.n_layer}, C={cfg.n_embd}, "
+    print(f"bench: N = {new_model(cfg, 'cpu').multiplied_params():,} parameters multiplied per token, L={cfg.n_layer}, C={cfg.n_embd}, "
           f"device {device}, median of {cfg.repeats} runs after {cfg.warmup} warm-up")
     rows = []
     for name in chosen:

@@ -41,6 +41,8 @@ def atomic_write(path, write):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except RuntimeError as e:  # torch.save's writer reports a full disk as "unexpected pos ..."
+        if isinstance(e.__context__, KeyboardInterrupt):  # Ctrl-C mid-write: the writer's cleanup raised this one
+            raise e.__context__ from None
         raise OSError(errno.ENOSPC, f"could not write it ({e}); is the disk full?", path) from None
     finally:
         if os.path.exists(tmp):
@@ -164,6 +166,10 @@ def load_model(path, kinds=("sft", "dpo", "ppo", "sppo"), dropout=0.0):
         raise UserError(f"{path} holds a {ckpt.get('kind')!r} checkpoint; expected one of {', '.join(kinds)}")
     model = GPT(model_config(ckpt, path, dropout))
     load_state(model, ckpt["model"], path)
+    ids = model.output_ids
+    if ids is not None and not (bool((ids[1:] > ids[:-1]).all()) and 0 <= int(ids[0]) and int(ids[-1]) < model.config.vocab_size):
+        raise UserError(f"{path}: the tokens its head scores (output_ids) are not distinct GPT-2 ids in increasing order; "
+                        f"it is damaged or not from this project")
     return model
 
 

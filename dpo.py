@@ -23,7 +23,7 @@ from einops import rearrange
 
 from checkpoint import load_model, resume, save_checkpoint, training_checkpoint
 from cli import UserError, check, parse_config, run_main
-from data import EOT
+from data import EOT, get_encoding
 from device import autocast, check_divisible, data_parallel, local_slice, print0, setup_device
 from logprobs import response_token_logps, sequence_logps
 from optim import add_metrics, adamw, apply_gradients, batch_indices, linear_warmup
@@ -345,6 +345,23 @@ def dpo_step(policy, optimizer, micro_batches, reference, cfg, max_length, lr, s
     return apply_gradients(policy, optimizer, metrics, lr, cfg.grad_clip, step)
 
 
+def check_scored(policy, pairs, path, append_eot):
+    """A head that scores only some tokens (sft.py --output-vocab) gives any other token log-prob -inf:
+    pairs whose responses hold one are refused, naming the first."""
+    if policy.output_ids is None:
+        return
+    responses = [(i, side, getattr(pair, side) + [EOT] * append_eot) for i, pair in enumerate(pairs) for side in ("chosen", "rejected")]
+    tokens = torch.tensor([t for _, _, response in responses for t in response], dtype=torch.long)
+    unscored = (policy.output_rows(tokens) < 0).nonzero()
+    if len(unscored):
+        ends = torch.tensor([len(r) for _, _, r in responses]).cumsum(0)
+        i, side, _ = responses[int(torch.searchsorted(ends, unscored[0], right=True))]
+        token = int(tokens[unscored[0]])
+        raise UserError(f"pair {i}'s {side} response holds token {token} ({get_encoding().decode([token])!r}), which {path} "
+                        f"never emits: its head scores only {len(policy.output_ids):,} tokens (--output-vocab); "
+                        f"train SFT with --output-vocab 0 for these pairs")
+
+
 def make_optimizer(policy, name, lr, weight_decay, device):
     """RMSprop (the paper's) or AdamW, for a preference trainer."""
     if name == "rmsprop":
@@ -367,6 +384,8 @@ def train_dpo(cfg, pairs=None, evaluate=None, sample_pairs=None):
         raise UserError("online DPO samples its pairs as it trains: it needs --steps > 0 and no --precompute-ref")
     if pairs is None and sample_pairs is None:
         pairs = read_pairs(cfg.pairs, max_length, cfg.skip_bad_lines)
+    if pairs is not None:
+        check_scored(policy, pairs, cfg.sft, cfg.append_eot)
     needs_reference = cfg.loss_type not in REFERENCE_FREE
     reference = load_model(cfg.sft).to(device).eval().requires_grad_(False) if needs_reference else None
     policy.train()  # dropout is 0 in both: the log-probs of the policy and the reference are deterministic

@@ -97,7 +97,8 @@ def score_completions(prompts, completions, reference, reward_model, judge, poli
             reference_logits = reference(ids, mask)
             if policy is not None:
                 kls.append(sequence_kl(policy(ids, mask), reference_logits, response_mask).cpu())
-            reference_logps.append(sequence_logps(token_logps(reference_logits, ids), response_mask[:, 1:].bool()).cpu() / length)
+            logps = token_logps(reference_logits, reference.output_rows(ids))
+            reference_logps.append(sequence_logps(logps, response_mask[:, 1:].bool()).cpu() / length)
     texts = [p + c for p, c in zip(prompts, completions)]
     samples = {"reward": reward_model.score(texts).tolist(), "judge": judge.score(texts).tolist(),
                "kl": torch.cat(kls + [torch.zeros(0)]).tolist() if policy is not None else [float(kl)] * len(texts),

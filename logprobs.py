@@ -7,7 +7,11 @@ from here, on one of two row layouts:
   causal attention keeps the padding after a row's tokens out of its log-probs;
   left-padded rows padding + prompt + completion (sampled completions: prompt_completion_rows),
   with an attention mask, so that every completion ends its row.
+A model whose head scores only some tokens (model.output_ids) gives logits over those: the targets
+are looked up as its logit rows (model.output_rows) before the gather.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -15,11 +19,13 @@ from model import left_pad
 
 
 def target_logps(logits, targets):
-    """log softmax(logits)[target] along the last axis: logits (..., V), targets (...) -> (...), in
-    float32 or better (bf16 -> float32; float64 stays float64)."""
+    """log softmax(logits)[target] along the last axis: logits (..., V), targets (...) logit rows -> (...),
+    in float32 or better (bf16 -> float32; float64 stays float64). A target -1 (a token the head does not
+    score, model.output_rows) has probability 0: log-prob -inf."""
     # log_softmax(z)[y] = z[y] - logsumexp(z): one float32 (..., V) temporary, not two
     dtype = torch.promote_types(logits.dtype, torch.float32)
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).to(dtype) - torch.logsumexp(logits.to(dtype), dim=-1)
+    scored = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1).to(dtype)
+    return (scored - torch.logsumexp(logits.to(dtype), dim=-1)).masked_fill(targets < 0, -math.inf)
 
 
 def token_logps(logits, tokens):
@@ -43,7 +49,8 @@ def response_token_logps(model, tokens, response_mask, attention_mask=None):
     prompt or padding). attention_mask (B, T): for left-padded rows; right-padded rows need none."""
     mask = response_mask[:, 1:].bool()  # token 0 has no prediction; it is always prompt
     predicting = F.pad(mask, (0, 1))  # position t predicts token t + 1
-    logps = target_logps(model(tokens, attention_mask, positions=predicting), tokens[:, 1:][mask])  # (N,), row-major
+    rows = getattr(model, "module", model).output_rows(tokens[:, 1:][mask])  # DDP keeps the GPT in .module
+    logps = target_logps(model(tokens, attention_mask, positions=predicting), rows)  # (N,), row-major
     return torch.zeros(mask.shape, dtype=logps.dtype, device=logps.device).masked_scatter(mask, logps)
 
 
@@ -61,5 +68,5 @@ def completion_token_logps(model, ids, mask, length):
     """log pi(y_t | x, y_<t) of the last `length` tokens of each left-padded row (completions of equal
     length, as PPO and SPPO sample them): (B, length). Only the positions that predict them go
     through the LM head, the bulk of a small model's compute."""
-    logits = model.lm_head(model.hidden_states(ids, mask)[:, -length - 1:])  # (B, length + 1, V)
-    return token_logps(logits, ids[:, -length - 1:])
+    logits = model.head(model.hidden_states(ids, mask)[:, -length - 1:])  # (B, length + 1, V)
+    return token_logps(logits, model.output_rows(ids[:, -length - 1:]))

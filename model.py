@@ -5,6 +5,9 @@ the token embedding. Parameter names match GPT-2's checkpoints one to one, so pr
 `load_gpt2` copies the published weights, or a GPT-2 saved by Hugging Face's `save_pretrained`, in by name.
 
 `forward(idx)` returns logits for every position, (B, T, vocab): DPO needs all of them.
+With `output_vocab` K, the head scores only K tokens, the GPT-2 ids `output_ids` (sorted): logits are
+(B, T, K), row r scoring token output_ids[r], and the model never emits another token. The input side
+still embeds every GPT-2 id. On a small model the head over 50,257 tokens is most of the compute.
 Left-padded batches are supported through `attention_mask` (1 = real token, 0 = padding), and a
 static `KVCache` makes generation cost one position per step, with the same shapes at every step.
 """
@@ -25,6 +28,7 @@ class GPTConfig:
     n_head: int = 12
     n_embd: int = 768
     dropout: float = 0.0  # DPO and sampling run with dropout off
+    output_vocab: int = 0  # 0: the head scores every token; K: only K of them, the model's output_ids (a CPU saving)
 
     def __post_init__(self):
         """Refuse sizes no GPT has (a damaged checkpoint's model_config, say) with a one-line ValueError."""
@@ -35,6 +39,8 @@ class GPTConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"GPTConfig n_embd {self.n_embd} does not split into {self.n_head} whole heads; "
                              f"pick an n_head that divides n_embd")
+        if not isinstance(self.output_vocab, int) or isinstance(self.output_vocab, bool) or not 0 <= self.output_vocab <= self.vocab_size:
+            raise ValueError(f"GPTConfig output_vocab must be an int in [0, vocab_size {self.vocab_size}], got {self.output_vocab!r}")
         if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0 <= self.dropout < 1:
             raise ValueError(f"GPTConfig dropout must be a number in [0, 1), got {self.dropout!r}")
 
@@ -148,6 +154,8 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        # the GPT-2 ids the head scores, sorted (sft.py sets them), or None: all of them, row r scoring id r
+        self.register_buffer("output_ids", torch.arange(config.output_vocab) if config.output_vocab else None)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
             if name.endswith("c_proj.weight"):
@@ -162,14 +170,37 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def head(self, features):
+        """The LM head, tied to the token embedding: logits over every token, or over output_ids only."""
+        if self.output_ids is None:
+            return self.lm_head(features)
+        return F.linear(features, self.transformer.wte.weight[self.output_ids])
+
+    def output_rows(self, ids):
+        """The logit rows that score GPT-2 `ids` (the ids themselves with the full head); -1 for an id the
+        head does not score, which the model never emits."""
+        if self.output_ids is None:
+            return ids
+        rows = torch.searchsorted(self.output_ids, ids.contiguous()).clamp(max=len(self.output_ids) - 1)
+        return torch.where(self.output_ids[rows] == ids, rows, -1)
+
+    def output_tokens(self, rows):
+        """The GPT-2 ids of logit rows (e.g. sampled ones): output_rows' inverse."""
+        return rows if self.output_ids is None else self.output_ids[rows]
+
     def num_params(self, non_embedding=True):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
     def flops_per_token(self, seq_len):
-        """Forward + backward FLOPs per trained token (PaLM appendix B): 6N + 12 L C T."""
+        """Forward + backward FLOPs per trained token (PaLM appendix B): 6N + 12 L C T, N = multiplied_params()."""
+        return 6 * self.multiplied_params() + 12 * self.config.n_layer * self.config.n_embd * seq_len
+
+    def multiplied_params(self):
+        """The parameters a token's forward multiplies: all but wpe's and, with a restricted head, the
+        embedding rows of the tokens it does not score (looked up as inputs, never multiplied)."""
         c = self.config
-        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * seq_len
+        return self.num_params() - ((c.vocab_size - c.output_vocab) * c.n_embd if c.output_vocab else 0)
 
     def hidden_states(self, idx, attention_mask=None, cache=None, cache_at=None):
         """Final-LayerNorm features (B, T, C). Without a cache, attention_mask (B, T) marks the real tokens
@@ -193,9 +224,9 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def forward(self, idx, attention_mask=None, cache=None, cache_at=None, positions=None):
-        """Logits for every position: logits[:, t] predicts idx[:, t + 1]. (B, T, vocab)
+        """Logits for every position: logits[:, t] predicts idx[:, t + 1]. (B, T, vocab), or (B, T, output_vocab)
         positions, a bool mask (B, T): the logits of those positions only, (N, vocab) in row-major
         order. The LM head is most of a small model's compute, and a loss needs it only where it
         predicts a token it scores."""
         features = self.hidden_states(idx, attention_mask, cache, cache_at)
-        return self.lm_head(features if positions is None else features[positions])
+        return self.head(features if positions is None else features[positions])

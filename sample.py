@@ -75,7 +75,7 @@ class Decoder:
         self.mask[:, :width] = mask
         self.slot.fill_(width)
         features = model.hidden_states(ids, self.mask, self.cache, torch.arange(width, device=ids.device))
-        return model.lm_head(features[:, -1])
+        return model.head(features[:, -1])
 
     def forward_step(self, model):
         self.mask.index_fill_(1, self.slot, 1)
@@ -156,7 +156,7 @@ def decode(model, decoder, prompts, width, max_new_tokens, temperature, top_k, t
     with autocast(device.type, cache=False):  # no cast weights kept between steps: a graph replays the casts
         logits = decoder.prefill(model, ids, mask)
         for t in range(max_new_tokens):
-            token = next_token(logits[:n], temperature, top_k, top_p, generator)
+            token = model.output_tokens(next_token(logits[:n], temperature, top_k, top_p, generator))  # a logit row's GPT-2 id
             token = torch.where(done, EOT, token)  # finished rows only emit end-of-text
             new[:, t] = token
             if stop_at_eot:

@@ -21,7 +21,7 @@ from optim import add_metrics, adamw, apply_gradients, seed_everything, warmup_c
 from progress import Progress
 
 # a checkpoint continues only the run these settings define
-RESUME_FIELDS = ("init", "n_layer", "n_head", "n_embd", "block_size", "seed", "batch_size", "grad_accum", "steps", "lr")
+RESUME_FIELDS = ("init", "n_layer", "n_head", "n_embd", "block_size", "output_vocab", "seed", "batch_size", "grad_accum", "steps", "lr")
 
 
 @dataclass
@@ -35,6 +35,8 @@ class SFTConfig:
     n_head: int = field(default=4, metadata={"help": "attention heads (scratch only)"})
     n_embd: int = field(default=128, metadata={"help": "model width (scratch only)"})
     block_size: int = field(default=128, metadata={"help": "training sequence length"})
+    output_vocab: int = field(default=0, metadata={"help": "the LM head scores only the K most frequent tokens of the "
+                              "training text, K = this (scratch only; 0: all 50,257, as GPT-2). The others are never emitted"})
     dropout: float = field(default=0.0, metadata={"help": "dropout during SFT"})
     batch_size: int = field(default=16, metadata={"help": "sequences per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
@@ -62,23 +64,37 @@ class SFTConfig:
         check(self.lr > 0 and 0 <= self.min_lr <= self.lr, f"need 0 <= --min-lr <= --lr and --lr > 0, got {self.min_lr}, {self.lr}")
         check(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
         check(self.warmup_steps >= 0 and self.grad_clip >= 0, "--warmup-steps and --grad-clip must be >= 0")
+        check(0 <= self.output_vocab <= GPTConfig.vocab_size,
+              f"--output-vocab must be in [0, {GPTConfig.vocab_size}] (0: the full head), got {self.output_vocab}")
+        check(self.init == "scratch" or not self.output_vocab,
+              f"--output-vocab {self.output_vocab} restricts a model trained from scratch; --init {self.init} keeps GPT-2's full head: pass --output-vocab 0")
 
 
 PRESETS = {
-    "smoke": dict(n_layer=2, n_head=2, n_embd=64, block_size=64, batch_size=8, steps=30, warmup_steps=5,
+    "smoke": dict(n_layer=2, n_head=2, n_embd=64, block_size=64, output_vocab=512, batch_size=8, steps=30, warmup_steps=5,
                   log_interval=10, eval_interval=30, eval_batches=2, save_interval=30),
-    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16, steps=600, lr=2e-3),
+    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, output_vocab=8192, batch_size=16, steps=600, lr=2e-3),
     "gpu": dict(n_layer=12, n_head=12, n_embd=768, block_size=256, batch_size=64, grad_accum=2, steps=1500,
                 lr=6e-4, min_lr=6e-5, warmup_steps=100, log_interval=50, eval_interval=500, eval_batches=20,
                 save_interval=500),
 }
 
 
-def build_model(cfg, device):
-    """A fresh GPT, published GPT-2 weights, or the model of one of our checkpoints."""
+def most_frequent_tokens(tokens, k):
+    """The k most frequent ids of a token stream (ties: the lower id), sorted: a restricted head's output_ids."""
+    counts = np.bincount(tokens, minlength=GPTConfig.vocab_size)
+    return torch.from_numpy(np.sort(np.argsort(-counts, kind="stable")[:k]))
+
+
+def build_model(cfg, device, train_tokens=None):
+    """A fresh GPT (with --output-vocab, its head scoring train_tokens' most frequent tokens), published
+    GPT-2 weights, or the model of one of our checkpoints."""
     if cfg.init == "scratch":
-        return GPT(GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                             n_embd=cfg.n_embd, dropout=cfg.dropout)).to(device)
+        model = GPT(GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                              dropout=cfg.dropout, output_vocab=cfg.output_vocab))
+        if cfg.output_vocab:
+            model.output_ids.copy_(most_frequent_tokens(train_tokens, cfg.output_vocab))
+        return model.to(device)
     return load_model(cfg.init, dropout=cfg.dropout).to(device)  # our checkpoint, or GPT-2 weights (checked)
 
 
@@ -89,10 +105,13 @@ def random_windows(tokens, n, length, seed):
     return torch.from_numpy(np.stack([tokens[s:s + length + 1].astype(np.int64) for s in starts]))
 
 
-def lm_loss(model, windows):
-    """Mean next-token cross-entropy over a batch of windows (B, T + 1)."""
-    logits = model(windows[:, :-1])  # (B, T, V)
-    return F.cross_entropy(logits.float().flatten(0, 1), windows[:, 1:].flatten())
+def lm_loss(model, windows, forward=None):
+    """Mean next-token cross-entropy over a batch of windows (B, T + 1). With a restricted head
+    (--output-vocab), over the next tokens it scores: the others (rows -1) are left out.
+    forward is the module to call (compiled or DDP-wrapped); model owns the weights."""
+    logits = (forward if forward is not None else model)(windows[:, :-1])  # (B, T, V)
+    targets = model.output_rows(windows[:, 1:])
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
 
 
 @torch.no_grad()
@@ -114,7 +133,7 @@ def sft_step(model, optimizer, micro_batches, lr, grad_clip, step, forward=None)
     metrics = {}
     for windows in micro_batches:
         with autocast(windows.device.type):
-            loss = lm_loss(forward, windows)
+            loss = lm_loss(model, windows, forward)
         (loss / len(micro_batches)).backward()  # the step's gradient is the mean over its micro-batches
         add_metrics(metrics, {"loss": loss}, len(micro_batches))
     return apply_gradients(model, optimizer, metrics, lr, grad_clip, step)
@@ -130,7 +149,7 @@ def train_lm(cfg, train_tokens, val_tokens):
         if len(stream) <= cfg.block_size + 1:
             raise UserError(f"the {what} text holds {len(stream)} tokens, fewer than one window of {cfg.block_size + 1}")
     seed_everything(cfg.seed)
-    model = build_model(cfg, device)
+    model = build_model(cfg, device, train_tokens)
     if cfg.block_size > model.config.block_size:
         raise UserError(f"--block-size {cfg.block_size} exceeds the model's context of {model.config.block_size}")
     optimizer = adamw(model, cfg.lr, cfg.weight_decay, (0.9, 0.95), device)

@@ -78,7 +78,7 @@ def family_method(loss_type, loss):
 
 STAGES = {
     "sft": Stage(lambda run: run_sft(run), ["sft.pt", "sft_log.jsonl"],  # next-token training on IMDb reviews
-                 ("seed", "init", "n_layer", "n_head", "n_embd", "block_size", "sft")),
+                 ("seed", "init", "n_layer", "n_head", "n_embd", "block_size", "output_vocab", "sft")),
     "reward": Stage(lambda run: run_classifier(run, "reward", reward_config(run.cfg)),  # r(x, y), an n-gram classifier
                     ["reward.pt", "reward_log.jsonl"], ("reward",)),
     "pairs": Stage(lambda run: run_pairs(run), ["pairs.jsonl", "heldout_pairs.jsonl"],  # 4 SFT samples a prefix, 6 pairs
@@ -135,7 +135,7 @@ SEED_SCOPES = ("methods", "all")  # --seed-scope: what a further seed redoes
 
 
 # ---------------------------------------------------------------------------- the experiment's settings
-MODEL = ("init", "n_layer", "n_head", "n_embd", "block_size")  # the model's settings, shared by every stage
+MODEL = ("init", "n_layer", "n_head", "n_embd", "block_size", "output_vocab")  # the model's settings, shared by every stage
 WHERE = ("out", "name", "seed", "device")  # every section's fixed fields: train.py fills them in
 
 
@@ -174,13 +174,16 @@ class TrainConfig:
     n_head: int = field(default=4, metadata={"help": "attention heads (scratch)"})
     n_embd: int = field(default=128, metadata={"help": "model width (scratch)"})
     block_size: int = field(default=64, metadata={"help": "SFT sequence length (also bounds prompt + completion)"})
+    output_vocab: int = field(default=8192, metadata={"help": "the LM head scores only the K most frequent GPT-2 tokens of "
+                              "IMDb's train text, K = this, and never emits the others (scratch; 0: all 50,257, as GPT-2 "
+                              "and the gpu preset; a GPT-2 --init keeps its full head)"})
     # the prompts and their samples: the preference pairs, every method's samples, the evaluation
-    n_prefixes: int = field(default=1200, metadata={"help": "train prefixes (paper: 25,000)"})
+    n_prefixes: int = field(default=3000, metadata={"help": "train prefixes (paper: 25,000)"})
     heldout_prefixes: int = field(default=50, metadata={"help": "test prefixes for the held-out pairs that measure DPO's implicit reward"})
     completions_per_prefix: int = field(default=4, metadata={"help": "samples per prefix (paper: 4 -> 6 pairs)"})
     max_new_tokens: int = field(default=24, metadata={"help": "tokens per sampled completion"})
     sample_batch_size: int = field(default=256, metadata={"help": "prompts per sampling batch"})
-    eval_prefixes: int = field(default=96, metadata={"help": "held-out test prefixes per evaluation"})
+    eval_prefixes: int = field(default=256, metadata={"help": "held-out test prefixes per evaluation"})
     # the sweeps and the DPO family's settings: each value is a run of its own
     betas: str = field(default="0.1", metadata={"help": "DPO, online DPO, RSO: comma-separated betas (paper: 0.05,0.1,1,5)"})
     ul_alphas: str = field(default="0.5", metadata={"help": "Unlikelihood: comma-separated alphas, each trained with DPO's settings (paper: 0.05,0.1,0.5,1)"})
@@ -193,8 +196,8 @@ class TrainConfig:
                               "paper's: siebert/sentiment-roberta-large-english) as the ground truth r(x, y) wherever it is "
                               "used, in place of the reward stage's n-gram classifier (empty: the n-gram)"})
     # each stage's and method's own settings: its file's config (the cpu preset's values)
-    sft: SFTConfig = section(SFTConfig(steps=350, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=17, log_interval=17,
-                                       eval_interval=87, save_interval=87), fixed=MODEL + ("data", "data_verify", "compile"),
+    sft: SFTConfig = section(SFTConfig(steps=1400, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=70, log_interval=70,
+                                       eval_interval=350, save_interval=350), fixed=MODEL + ("data", "data_verify", "compile"),
                              help="SFT on IMDb reviews (sft.py)")
     reward: RewardConfig = section(RewardConfig(kind="ngram", steps=1600, lr=5e-3, log_interval=160),
                                    fixed=("kind", "sft", "data", "data_verify", "warmup_steps", "weight_decay",
@@ -210,8 +213,8 @@ class TrainConfig:
                                        eval_interval=20, eval_batches=2, save_interval=20, compile=False),
                              fixed=MODEL + ("data", "data_verify"),
                              help="Preferred-FT, SFT on the best completion of each prefix (sft.py; --pft-steps 0 skips it)")
-    dpo: DPOConfig = section(DPOConfig(batch_size=16, micro_batch_size=16, optimizer="rmsprop", lr=3e-4, warmup_steps=10,
-                                       steps=80, append_eot=False, log_interval=8, eval_interval=40, save_interval=40),
+    dpo: DPOConfig = section(DPOConfig(batch_size=16, micro_batch_size=16, optimizer="rmsprop", lr=1e-4, warmup_steps=10,
+                                       steps=480, append_eot=False, log_interval=16, eval_interval=80, save_interval=80),
                              fixed=("sft", "pairs", "beta", "loss_type", "alpha", "gamma", "lam", "skip_bad_lines"),
                              help="DPO (dpo.py), and Unlikelihood, IPO, KTO, SimPO, ORPO, online DPO and RSO trained with it")
     ppo: PPOConfig = section(PPOConfig(steps=20, batch_size=48, minibatch_size=16, epochs=2, lr=3e-4, critic_lr=3e-3,
@@ -284,7 +287,7 @@ class TrainConfig:
 
 
 PRESETS = {  # by flag: sft_steps is --sft-steps, TrainConfig.sft.steps
-    "smoke": dict(n_layer=2, n_head=2, n_embd=64, block_size=48, n_prefixes=16, heldout_prefixes=8, max_new_tokens=12,
+    "smoke": dict(n_layer=2, n_head=2, n_embd=64, block_size=48, output_vocab=512, n_prefixes=16, heldout_prefixes=8, max_new_tokens=12,
                   eval_prefixes=8, betas="0.1,1", bon_ns="1,2",
                   sft_steps=20, sft_batch_size=8, sft_warmup_steps=1, sft_log_interval=1, sft_eval_interval=5,
                   sft_save_interval=5, reward_steps=20, reward_bits=16, reward_test_reviews=32, reward_log_interval=2,
@@ -298,7 +301,7 @@ PRESETS = {  # by flag: sft_steps is --sft-steps, TrainConfig.sft.steps
                   sppo_iterations=2, sppo_prompts_per_iteration=8, sppo_samples_per_prompt=2, sppo_batch_size=16,
                   sppo_lr=1e-4, sppo_warmup_steps=2, sppo_log_interval=1, sppo_eval_interval=3),
     "cpu": dict(),  # the defaults above: 18.1 minutes (figure2) on the 2-core box of the README's CPU results
-    "gpu": dict(n_layer=12, n_head=12, n_embd=768, block_size=256, n_prefixes=25_000, heldout_prefixes=1000,
+    "gpu": dict(n_layer=12, n_head=12, n_embd=768, block_size=256, output_vocab=0, n_prefixes=25_000, heldout_prefixes=1000,
                 max_new_tokens=48, sample_batch_size=1024, eval_prefixes=512,
                 betas="0.05,0.1,1,5", ul_alphas="0.05,0.1,0.5,1", bon_ns="1,4,16,64", ppo_target_kls="3,6,9,12",
                 sft_steps=1500, sft_batch_size=64, sft_grad_accum=2, sft_lr=6e-4, sft_min_lr=6e-5, sft_warmup_steps=75,
@@ -324,8 +327,8 @@ def where(cfg, out, name):
 
 
 def sft_config(cfg):
-    return replace(cfg.sft, **where(cfg, cfg.out, "sft"), **{k: getattr(cfg, k) for k in MODEL}, data=cfg.data,
-                   compile=cfg.compile)
+    model = {k: getattr(cfg, k) for k in MODEL} | {"output_vocab": cfg.output_vocab if cfg.init == "scratch" else 0}
+    return replace(cfg.sft, **where(cfg, cfg.out, "sft"), **model, data=cfg.data, compile=cfg.compile)
 
 
 def pft_config(cfg, folder):

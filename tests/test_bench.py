@@ -19,8 +19,9 @@ def test_bench_reports_every_benchmark_with_positive_throughput_and_flops(tmp_pa
     assert rows["sample, static cache, 4x batch"]["config"] == "8 x 4"
     for row in rows.values():
         assert row["throughput"] > 0 and row["flops_per_unit"] > 0 and row["mfu"] is None  # no known peak on a CPU
-    # 6N + 12LCT by hand: N = token embedding V*C + per block 12C^2 + 13C + final LayerNorm 2C
-    V, L, C, T = 50257, 1, 32, 32
+    # 6N + 12LCT by hand: N = the embedding rows the smoke preset's head scores V*C (V = 512 of them, --output-vocab)
+    # + per block 12C^2 + 13C + final LayerNorm 2C
+    V, L, C, T = 512, 1, 32, 32
     N = V * C + L * (12 * C * C + 13 * C) + 2 * C
     assert rows["sft"]["flops_per_unit"] == 6 * N + 12 * L * C * T
     # a live reference adds a forward pass, a third of the policy's forward + backward

@@ -47,6 +47,33 @@ def test_every_policy_checkpoint_exports_and_reloads_with_equal_logits(tmp_path,
         assert torch.allclose(load_gpt2(str(tmp_path / "hf"))(x), model(x), atol=1e-5, rtol=0)
 
 
+def test_a_head_scoring_some_tokens_exports_their_logits_and_minus_10000_for_every_other(tmp_path):
+    """A restricted head (--output-vocab) has no tied GPT-2 form: the export's own head gives the scored
+    tokens their logits and every other token -10,000 whatever the input, in a float64 forward of the
+    written tensors; its softmax over all tokens is the model's over its own."""
+    import dataclasses
+    from model import GPT
+    model = load_gpt2(save_pretrained(tmp_path / "hf_in", gpt2_tensors(seed=4)))
+    output_ids = [0, 3, 8, 17, 23, 42, 49]
+    restricted = GPT(dataclasses.replace(model.config, output_vocab=len(output_ids))).eval()
+    restricted.load_state_dict({**model.state_dict(), "output_ids": torch.tensor(output_ids)})
+    export.export(save_tiny_checkpoint(tmp_path / "dpo.pt", restricted, kind="dpo"), str(tmp_path / "hf_out"))
+    assert json.loads((tmp_path / "hf_out" / "config.json").read_text())["tie_word_embeddings"] is False
+    written = {k: v.numpy() for k, v in read_safetensors(str(tmp_path / "hf_out" / "model.safetensors")).items()}
+    head = written.pop("lm_head.weight")
+    assert head.shape == (50, 32) and "output_ids" not in written
+    for idx in ([3, 17, 0, 42, 8, 8, 1], [5, 5, 49, 2]):
+        logits = reference_gpt2_logits({k.removeprefix("transformer."): v for k, v in written.items()}, idx, lm_head=head)
+        with torch.no_grad():
+            ours = restricted(torch.tensor([idx]))[0].double().numpy()
+        np.testing.assert_allclose(logits[:, output_ids], ours, atol=1e-5)
+        unscored = np.delete(logits, output_ids, axis=1)
+        np.testing.assert_allclose(unscored, -1e4, rtol=1e-3)
+        full_softmax = np.exp(logits - logits.max(-1, keepdims=True))
+        full_softmax /= full_softmax.sum(-1, keepdims=True)
+        np.testing.assert_allclose(full_softmax[:, output_ids], torch.tensor(ours).softmax(-1).numpy(), atol=1e-6)
+
+
 def test_conv1d_weights_are_written_transposed(tmp_path):
     model = tiny_gpt()
     written = export.gpt2_tensors(model)

@@ -102,9 +102,10 @@ def save_pretrained(folder, tensors, config=None, prefix="transformer.", buffers
     return str(folder)
 
 
-def reference_gpt2_logits(t, idx, n_head=N_HEAD):
+def reference_gpt2_logits(t, idx, n_head=N_HEAD, lm_head=None):
     """GPT-2 forward in float64 NumPy from the raw tensors: pre-LN blocks, causal attention,
-    GELU (tanh), final LayerNorm and the head tied to wte. idx: list of token ids -> (T, V)."""
+    GELU (tanh), final LayerNorm and the head tied to wte (or `lm_head`, (V, C), an untied one).
+    idx: list of token ids -> (T, V)."""
     t = {k: v.astype(np.float64) for k, v in t.items()}
     T, C = len(idx), N_EMBD
     D = C // n_head
@@ -135,7 +136,7 @@ def reference_gpt2_logits(t, idx, n_head=N_HEAD):
         h = layernorm(x, t[p + "ln_2.weight"], t[p + "ln_2.bias"])
         x = x + gelu(h @ t[p + "mlp.c_fc.weight"] + t[p + "mlp.c_fc.bias"]) @ t[p + "mlp.c_proj.weight"] + t[p + "mlp.c_proj.bias"]
     x = layernorm(x, t["ln_f.weight"], t["ln_f.bias"])
-    return x @ t["wte.weight"].T
+    return x @ (t["wte.weight"] if lm_head is None else lm_head.astype(np.float64)).T
 
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

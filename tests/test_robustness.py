@@ -26,6 +26,7 @@ from checkpoint import append_jsonl, atomic_write, load_checkpoint, load_model, 
 from cli import UserError, parse_config, run_main
 from conftest import kill_when_written, save_tiny_checkpoint, tiny_gpt
 from optim import apply_gradients
+from pretrained import read_safetensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -224,7 +225,7 @@ def test_scripts_chain_through_their_default_paths(tmp_path, tiny_imdb):
     assert (tmp_path / "out" / "judge.pt").exists()
     with open(tmp_path / "pairs.jsonl", "w") as f:
         for i in range(4):
-            f.write(json.dumps({"prompt": f"Review {i}:", "chosen": " a delight.", "rejected": " a bore."}) + "\n")
+            f.write(json.dumps({"prompt": f"Review {i}:", "chosen": " wonderful.", "rejected": " awful."}) + "\n")  # tokens the smoke head scores
     script("dpo.py", "--pairs", "pairs.jsonl", "--steps", "2", "--batch-size", "2", "--micro-batch-size", "2")
     assert "--- sample 0" in script("sample.py", "--ckpt", os.path.join("out", "dpo", "dpo.pt"), "--n", "1")
 
@@ -377,6 +378,19 @@ def test_a_changed_setting_redoes_exactly_what_depends_on_it(finished_run, tmp_p
     assert "sft_point" in times and "pairs" in times and "dpo_beta0.1" not in times and "preferred_ft" not in times
 
 
+def test_ctrl_c_while_a_checkpoint_is_written_is_an_interrupt_not_a_full_disk(tmp_path):
+    """torch.save's writer, interrupted, raises "unexpected pos" from its cleanup: the Ctrl-C is what is said."""
+    def interrupted_write(f):
+        f.write(b"half a checkpoint")
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 6501760 vs 6501652")
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(str(tmp_path / "sft.pt"), interrupted_write)
+    assert os.listdir(tmp_path) == []
+
+
 def test_ctrl_c_stops_with_one_line_saying_how_to_continue(tmp_path, tiny_imdb):
     proc = subprocess.Popen([sys.executable] + sft_args(tiny_imdb, tmp_path / "run", ["--steps", "100000"]),
                             cwd=tmp_path, env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.PIPE,
@@ -387,7 +401,7 @@ def test_ctrl_c_stops_with_one_line_saying_how_to_continue(tmp_path, tiny_imdb):
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130
+    assert proc.returncode == 130, err
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1] == ("interrupted; rerun the same command to continue from the last checkpoint "
                                             "and the finished stages")
@@ -612,7 +626,7 @@ def test_every_readme_command_after_train_py_works_with_no_path_flags(finished_r
     size flags): each finds what train.py wrote, and export.py's folder loads back with the same logits."""
     out, _ = finished_run
     shutil.copytree(out, tmp_path / "out")
-    write_jsonl(tmp_path / "my_pairs.jsonl", [{"prompt": f"Review {i}:", "chosen": " a delight.", "rejected": " a bore."}
+    write_jsonl(tmp_path / "my_pairs.jsonl", [{"prompt": f"Review {i}:", "chosen": " wonderful.", "rejected": " awful."}
                                               for i in range(4)])
     commands = readme_commands_after_train()
     assert [c[1] for c in commands] == list(README_SIZES)
@@ -623,7 +637,10 @@ def test_every_readme_command_after_train_py_works_with_no_path_flags(finished_r
         assert result.returncode == 0, (command, result.stderr[-2000:])
     policy = load_model(str(tmp_path / "out" / "dpo_beta0.1" / "dpo.pt"))
     x = torch.randint(0, 50257, (1, 8), generator=torch.Generator().manual_seed(0))
+    head = read_safetensors(str(tmp_path / "hf" / "model.safetensors"))["lm_head.weight"]  # the smoke preset's head scores 512 tokens
     with torch.no_grad():
-        assert torch.allclose(load_model(str(tmp_path / "hf"))(x), policy(x), atol=1e-5, rtol=0)
+        logits = policy.hidden_states(x) @ head.T  # the trunk's tensors: test_export.py
+        assert torch.allclose(logits[..., policy.output_ids], policy(x), atol=1e-5, rtol=0)
+        assert logits[..., policy.output_rows(torch.arange(50257)) < 0].max() < -9000
     assert (tmp_path / "out" / "rescored.jsonl").exists() and (tmp_path / "out" / "dpo" / "dpo.pt").exists()
     assert (tmp_path / "out" / "ppo" / "ppo.pt").exists()

@@ -352,7 +352,7 @@ def check_scored(policy, pairs, path, append_eot):
         return
     responses = [(i, side, getattr(pair, side) + [EOT] * append_eot) for i, pair in enumerate(pairs) for side in ("chosen", "rejected")]
     tokens = torch.tensor([t for _, _, response in responses for t in response], dtype=torch.long)
-    unscored = (policy.output_rows(tokens) < 0).nonzero()
+    unscored = (policy.output_rows(tokens.to(policy.output_ids.device)) < 0).nonzero().cpu()
     if len(unscored):
         ends = torch.tensor([len(r) for _, _, r in responses]).cumsum(0)
         i, side, _ = responses[int(torch.searchsorted(ends, unscored[0], right=True))]

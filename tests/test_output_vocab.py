@@ -192,3 +192,17 @@ def test_dpo_refuses_pairs_whose_responses_hold_a_token_the_head_never_emits():
         dpo.check_scored(model, [good, PreferencePair([unscored], ids[:2], [ids[0], unscored])], "out/sft.pt", append_eot=False)
     with pytest.raises(UserError, match="pair 0's chosen response holds token 50256"):
         dpo.check_scored(restricted_copy(sharp_gpt(vocab_size=50257, n_embd=8, n_head=2), ids), [good], "sft.pt", append_eot=True)
+
+
+def test_gpt2_weights_and_the_gpu_preset_keep_the_full_head(capsys):
+    import train
+    from cli import parse_config
+
+    def sft_section(*flags):
+        return train.sft_config(parse_config(train.TrainConfig, list(flags), presets=train.PRESETS))
+    assert sft_section("--preset", "cpu").output_vocab == 8192
+    assert sft_section("--preset", "cpu", "--init", "gpt2").output_vocab == 0  # GPT-2's own head, as published
+    assert sft_section("--preset", "gpu").output_vocab == 0
+    with pytest.raises(SystemExit):
+        parse_config(sft.SFTConfig, ["--preset", "cpu", "--init", "gpt2"], presets=sft.PRESETS)
+    assert "--output-vocab 8192 restricts a model trained from scratch; --init gpt2" in capsys.readouterr().err

@@ -165,7 +165,7 @@ def bench_dpo(cfg, device, live_reference):
 
     seconds = median_seconds(step, cfg, device)
     T = dpo.collate(pairs, cfg.block_size)[0].size(1)  # the padded length of both rows of a pair
-    R, head = cfg.response_len + 1, (cfg.output_vocab or EOT + 1) * cfg.n_embd  # response + EOT; the LM head's weights
+    R, head = cfg.response_len + 1, policy.config.head_tokens * policy.config.n_embd  # response + EOT; the LM head's weights
     # per pair: policy forward + backward over 2 rows of T tokens, 2T (6N + 12LCT), less the LM head at
     # the T - R positions that predict no response token (logprobs.response_token_logps skips them), 6VC each;
     # a live reference adds their forward, a third of that
